@@ -1,0 +1,129 @@
+"""Load YAML configs onto the typed schema: ``_base_`` inheritance, dot-list overrides,
+validation errors that name the key, the file and a close match."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schema import Config
+
+PathLike = Union[str, os.PathLike]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and its source."""
+
+
+def _all_keys(node: Any, prefix: str = "") -> list:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(full)
+            keys.extend(_all_keys(node[k], full) if isinstance(node._get_node(k), DictConfig) else [])
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    candidates = _all_keys(schema)
+    hint = ""
+    if key and "did you mean" not in msg.lower():
+        parent, _, leaf = key.rpartition(".")
+        siblings = [c.rpartition(".")[2] for c in candidates if c.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
+        if close and close[0] != leaf:
+            hint = f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)"
+    return ConfigError(f"{source}: invalid key '{key}': {msg}{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _resolve_path(path: PathLike, relative_to: Optional[Path] = None) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    for base in ([relative_to] if relative_to else []) + [Path.cwd(), REPO_ROOT]:
+        if (base / p).exists():
+            return base / p
+    return (relative_to or Path.cwd()) / p
+
+
+def _merge_file(cfg: DictConfig, path: Path, seen: tuple) -> DictConfig:
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(map(str, seen + (path,)))}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    for b in bases:
+        cfg = _merge_file(cfg, _resolve_path(b, path.parent), seen + (path,))
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path), cfg) from None
+
+
+def load_config(path: Optional[PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Return the validated config: schema defaults <- ``_base_`` files <- ``path`` <- overrides.
+
+    ``overrides`` are dot-list strings such as ``train.epochs=3``.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge_file(cfg, _resolve_path(path), ())
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+    overrides = list(overrides)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"command line: override '{ov}' must look like key=value")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "command line", cfg) from None
+
+
+def save_config(cfg: DictConfig, path: PathLike) -> Path:
+    """Write the fully resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def config_from_dict(data: dict) -> DictConfig:
+    """Rebuild a validated config from a plain dict (e.g. the one stored in a checkpoint)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "checkpoint config", OmegaConf.structured(Config)) from None
+
+
+def config_to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,195 @@
+"""Typed experiment schema: every YAML config is validated against these dataclasses.
+
+Sections: ``model``, ``data``, ``train`` (with ``loss``), ``quant`` (with ``qat``, ``distill``)
+and ``export``. Unknown keys and wrong types are rejected by OmegaConf when a YAML file is
+merged onto the structured config (see :mod:`yolo_q.config.loader`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class BackboneConfig:
+    type: str = "EfficientRep"  # EfficientRep | CSPBepBackbone
+    num_repeats: List[int] = field(default_factory=lambda: [1, 6, 12, 18, 6])
+    out_channels: List[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    fuse_p2: bool = True
+    cspsppf: bool = True
+    csp_e: float = 0.5
+
+
+@dataclass
+class NeckConfig:
+    type: str = "RepBiFPANNeck"  # RepBiFPANNeck | CSPRepBiFPANNeck
+    num_repeats: List[int] = field(default_factory=lambda: [12, 12, 12, 12])
+    out_channels: List[int] = field(default_factory=lambda: [256, 128, 128, 256, 256, 512])
+    csp_e: float = 0.5
+
+
+@dataclass
+class HeadConfig:
+    type: str = "EffiDeHead"
+    strides: List[int] = field(default_factory=lambda: [8, 16, 32])
+    use_dfl: bool = False
+    reg_max: int = 16
+    prior_prob: float = 0.01
+    grid_cell_offset: float = 0.5
+    grid_cell_size: float = 5.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "yolov6n"
+    nc: int = 80
+    depth_multiple: float = 0.33
+    width_multiple: float = 0.25
+    # repvgg (multi-branch) | realvgg (plain 3x3, RepOptimizer) | linearadd (hyper-search)
+    # | conv_relu | conv_silu
+    block: str = "repvgg"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    neck: NeckConfig = field(default_factory=NeckConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    scales: Optional[str] = None  # RepOpt branch-scales file (from hyper-search)
+
+
+@dataclass
+class AugmentConfig:
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    flipud: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0
+    mixup: float = 0.0
+    close_mosaic_epochs: int = 15  # augmentation off for the last N epochs
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "datasets/coco128.yaml"  # data YAML: train, val, nc, names, ...
+    img_size: int = 640
+    workers: int = 2
+    cache_labels: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LossConfig:
+    iou_type: str = "giou"  # giou | ciou | siou
+    use_dfl: Optional[bool] = None  # None: follow model.head.use_dfl
+    cls_weight: float = 1.0
+    iou_weight: float = 2.5
+    dfl_weight: float = 0.5
+    assigner: str = "tal"  # tal | atss
+    atss_warmup_epochs: int = 0
+    tal_topk: int = 13
+    tal_alpha: float = 1.0
+    tal_beta: float = 6.0
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 32
+    nominal_batch: int = 64  # gradient accumulation target
+    optimizer: str = "sgd"  # sgd | adamw | repopt
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.937
+    nesterov: bool = True
+    weight_decay: float = 0.0005
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_epochs: float = 3.0
+    warmup_min_iters: int = 1000
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    amp: bool = True  # only takes effect on CUDA
+    grad_clip: float = 0.0  # 0 disables
+    eval_interval: int = 10
+    eval_final_epochs: int = 0  # also evaluate every epoch for the last N epochs
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False
+    max_bad_steps: int = 10  # consecutive non-finite losses before stopping
+    log_interval: int = 10
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class QATConfig:
+    epochs_ratio: float = 0.1  # fraction of train.epochs
+    epochs: Optional[int] = None  # explicit override
+    lr_ratio: float = 0.01  # start LR = lr_ratio * train.lr0
+    lrf: float = 0.01
+    freeze_scales: bool = True  # False: EMA-updated activation ranges
+    range_ema: float = 0.99
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = True
+    tau: float = 1.0
+    weight: float = 1.0
+    layers: List[str] = field(default_factory=lambda: ["neck"])
+
+
+@dataclass
+class QuantConfig:
+    num_bits: int = 8
+    calib: str = "percentile"  # max | percentile | mse | entropy
+    percentile: float = 99.99
+    calib_batches: int = 16
+    calib_batch_size: int = 8
+    num_histogram_bins: int = 2048
+    per_channel_weights: bool = True
+    skip_dfl: bool = True
+    high_precision_outputs: bool = True
+    share_concat_scales: bool = True
+    skip_layers: List[str] = field(default_factory=list)
+    sensitivity_images: int = 64
+    qat: QATConfig = field(default_factory=QATConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 13
+    dynamic_batch: bool = False
+    simplify: bool = True
+    flavour: str = "onnxruntime"  # float | tensorrt | onnxruntime
+    end2end: bool = False
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    max_det: int = 100
+
+
+@dataclass
+class EvalConfig:
+    conf_thres: float = 0.001
+    iou_thres: float = 0.65
+    max_det: int = 300
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
