@@ -51,6 +51,7 @@ class EffiDeHead(nn.Module):
         self.use_dfl, self.reg_max = use_dfl, reg_max
         self.prior_prob = prior_prob
         self.grid_cell_offset, self.grid_cell_size = grid_cell_offset, grid_cell_size
+        self.strides = [int(s) for s in strides]
         self.register_buffer("stride", torch.tensor(strides, dtype=torch.float32), persistent=False)
         # DFL projection (kept, as in the official model, even when DFL is off)
         self.proj = nn.Parameter(torch.linspace(0, reg_max, reg_max + 1), requires_grad=False)
@@ -98,7 +99,7 @@ class EffiDeHead(nn.Module):
             reg_list.append(reg.reshape(b, 4, h * w))
         cls = torch.cat(cls_list, -1).permute(0, 2, 1)
         reg = torch.cat(reg_list, -1).permute(0, 2, 1)
-        points, strides = make_anchors(shapes, self.stride.tolist(), self.grid_cell_offset,
+        points, strides = make_anchors(shapes, self.strides, self.grid_cell_offset,
                                        device=cls.device, dtype=cls.dtype)
         boxes = dist2bbox(reg, points, xywh=True) * strides
         ones = torch.ones_like(cls[..., :1])
