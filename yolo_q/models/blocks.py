@@ -35,6 +35,17 @@ def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm
     return weight * t.reshape(shape), bn.bias + (b - bn.running_mean) * t
 
 
+def fuse_modules(module: nn.Module) -> nn.Module:
+    """Generic re-parameterization walk: call ``fuse()`` on every sub-module that has one.
+
+    Parents come first (pre-order), so a multi-branch block fuses from its unfused children.
+    """
+    for m in list(module.modules()):
+        if callable(getattr(m, "fuse", None)) and not getattr(m, "_is_fuse_walker", False):
+            m.fuse()
+    return module
+
+
 def _conv_from(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                       conv.padding, conv.dilation, conv.groups, bias=True,

@@ -5,6 +5,7 @@ import math
 
 import torch.nn as nn
 
+from .blocks import fuse_modules
 from .registry import BACKBONES, BLOCKS, HEADS, NECKS
 
 
@@ -18,6 +19,8 @@ def scaled_repeats(n: int, depth: float) -> int:
 
 class Model(nn.Module):
     """YOLOv6-style detector. ``forward_features`` -> neck outputs, ``forward_head`` -> head."""
+
+    _is_fuse_walker = True
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, detect: nn.Module):
         super().__init__()
@@ -37,10 +40,7 @@ class Model(nn.Module):
     def fuse(self) -> "Model":
         """Deploy form, in place: every block with a ``fuse()`` re-parameterizes itself
         (RepVGG branches -> one 3x3 conv, BN folded into the preceding conv)."""
-        for m in list(self.modules()):  # parents first: a block fuses from unfused children
-            if m is not self and callable(getattr(m, "fuse", None)):
-                m.fuse()
-        return self
+        return fuse_modules(self)
 
     @property
     def is_fused(self) -> bool:
