@@ -6,7 +6,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one thread per xdist worker (the suite runs with -n 2 on 2 cores)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,31 @@
+"""Shared command-line plumbing for tools/*.py: ``--config``, dot-list overrides, ``--weights``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .config import ConfigError, load_config
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=required, help="experiment YAML (configs/...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dot-list config overrides, e.g. train.epochs=3 model.width_multiple=0.25")
+
+
+def config_from_args(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def run_tool(main, argv: Optional[Sequence[str]] = None) -> int:
+    """Run a tool's ``main(argv)``, turning expected user errors into one line on stderr + exit 2."""
+    from .engine.checkpoint import CheckpointError
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return main(argv) or 0
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
