@@ -58,3 +58,12 @@ def test_resolved_config_round_trip(tmp_path, repo_root):
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(out)
     assert again == cfg
+
+
+def test_invalid_choice_names_key_and_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"invalid value 'sdg' for 'train.optimizer'.*did you mean 'sgd'"):
+        load_config(None, ["train.optimizer=sdg"])
+    p = tmp_path / "x.yaml"
+    p.write_text("model:\n  block: repvgq\n")
+    with pytest.raises(ConfigError, match=r"x.yaml: invalid value 'repvgq' for 'model.block'"):
+        load_config(p)

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schema import Config
+from .schema import CHOICES, Config
 
 PathLike = Union[str, os.PathLike]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -91,9 +91,25 @@ def load_config(path: Optional[PathLike] = None, overrides: Sequence[str] = ()) 
     ``overrides`` are dot-list strings such as ``train.epochs=3``.
     """
     cfg = OmegaConf.structured(Config)
+    source = "defaults"
     if path is not None:
-        cfg = _merge_file(cfg, _resolve_path(path), ())
-    return apply_overrides(cfg, overrides)
+        path = _resolve_path(path)
+        cfg = _merge_file(cfg, path, ())
+        source = str(path)
+    cfg = apply_overrides(cfg, overrides)
+    validate_choices(cfg, source if not overrides else f"{source} + command line")
+    return cfg
+
+
+def validate_choices(cfg: DictConfig, source: str = "config") -> None:
+    """Check the string options that take one of a fixed set of values."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: invalid value '{value}' for '{key}'; "
+                              f"choose one of {', '.join(choices)}{hint}")
 
 
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:

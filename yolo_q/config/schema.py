@@ -67,12 +67,13 @@ class AugmentConfig:
     fliplr: float = 0.5
     mosaic: float = 1.0
     mixup: float = 0.0
-    close_mosaic_epochs: int = 15  # augmentation off for the last N epochs
+    close_mosaic_epochs: int = 15  # mosaic + mixup off for the last N epochs (others stay on)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "datasets/coco128.yaml"  # data YAML: train, val, nc, names, ...
+    root: Optional[str] = None  # replaces the data YAML's `path` (dataset root folder)
     img_size: int = 640
     workers: int = 2
     cache_labels: bool = True
@@ -87,7 +88,8 @@ class LossConfig:
     iou_weight: float = 2.5
     dfl_weight: float = 0.5
     assigner: str = "tal"  # tal | atss
-    atss_warmup_epochs: int = 0
+    atss_warmup_epochs: int = 0  # ATSS for epoch < N, then the assigner above
+    atss_topk: int = 9  # ATSS candidates per pyramid level
     tal_topk: int = 13
     tal_alpha: float = 1.0
     tal_beta: float = 6.0
@@ -193,3 +195,17 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Allowed values of string options, checked when a config is loaded (key -> choices).
+CHOICES = {
+    "model.block": ("repvgg", "realvgg", "linearadd", "conv_relu", "conv_silu"),
+    "model.backbone.type": ("EfficientRep", "CSPBepBackbone"),
+    "model.neck.type": ("RepBiFPANNeck", "CSPRepBiFPANNeck"),
+    "train.optimizer": ("sgd", "adamw", "repopt"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.loss.iou_type": ("giou", "ciou", "siou"),
+    "train.loss.assigner": ("tal", "atss"),
+    "quant.calib": ("max", "percentile", "mse", "entropy"),
+    "export.flavour": ("float", "tensorrt", "onnxruntime"),
+}
