@@ -100,7 +100,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 300
-    batch_size: int = 32
+    batch_size: int = 32  # per process (per GPU); DDP total = batch_size * world size
     nominal_batch: int = 64  # gradient accumulation target
     optimizer: str = "sgd"  # sgd | adamw | repopt
     lr0: float = 0.01
@@ -128,6 +128,10 @@ class TrainConfig:
     exist_ok: bool = False
     max_bad_steps: int = 10  # consecutive non-finite losses before stopping
     log_interval: int = 10
+    progress_bar: bool = True  # tqdm bar per epoch (rank 0, only when stderr is a terminal)
+    tensorboard: bool = True  # SummaryWriter under <run dir>/tensorboard (rank 0)
+    channels_last: bool = False  # NHWC tensors; crashed in CPU (oneDNN) backward, so opt-in
+    sync_bn: bool = False  # SyncBatchNorm under DDP
     loss: LossConfig = field(default_factory=LossConfig)
 
 

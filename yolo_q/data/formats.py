@@ -1,0 +1,443 @@
+"""Dataset formats: the data YAML, image lists, YOLO txt labels, COCO JSON annotations and the
+label cache.
+
+Labels everywhere in :mod:`yolo_q.data` are float32 arrays ``(n, 5)`` = ``cls cx cy w h``
+normalised to the ORIGINAL image (the YOLO txt convention); COCO JSON boxes are converted to it.
+
+Bad labels are never fatal: :func:`check_boxes` clips boxes slightly outside the image, drops
+degenerate / far-outside / wrong-class / malformed ones, and returns human-readable issues that
+the dataset counts and reports once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import yaml
+
+LOGGER = logging.getLogger("yolo_q.data")
+PathLike = Union[str, os.PathLike]
+IMG_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1
+OUT_TOLERANCE = 0.05  # boxes up to 5% of the image beyond an edge are clipped, beyond: dropped
+ROUNDING_TOLERANCE = 1e-3  # clipping by less than this (normalised) is rounding, not counted
+MIN_BOX_PX = 0.5  # boxes narrower/shorter than this (original pixels, after clipping) are dropped
+
+
+class DataError(ValueError):
+    """A data YAML or dataset is invalid; the message names the file and key/path."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset path (folder, list, annotation file) does not exist; names the path."""
+
+
+# --------------------------------------------------------------------------------------------
+# data YAML
+# --------------------------------------------------------------------------------------------
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand_env(text: str) -> str:
+    """Expand ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` (default used when VAR is unset or
+    empty). Relative values taken from the environment are made absolute w.r.t. the cwd."""
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(3)
+        val = os.environ.get(name, "")
+        if val:
+            return os.path.abspath(os.path.expanduser(val))
+        if m.group(2) is not None:
+            return m.group(2)
+        return m.group(0)
+    return _ENV_RE.sub(sub, text)
+
+
+def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool = True) -> Dict[str, Any]:
+    """Read and validate a data YAML; return a dict with absolute paths.
+
+    Keys: ``path`` (dataset root; optional, default the YAML's folder; relative -> against the
+    YAML's folder; ``${VAR:-default}`` expanded), ``train``, ``val`` (image folders, ``.txt``
+    lists, or lists of those; relative -> against ``path``), ``nc``, ``names`` (list or
+    ``{index: name}``), optional ``train_json``/``val_json`` (COCO instances JSON; when given the
+    labels come from it), optional ``coco_ids`` (class index -> COCO category id).
+
+    ``root`` (e.g. ``cfg.data.root``) replaces the YAML's ``path``. With ``check`` every path
+    must exist, else :class:`DataNotFoundError` naming the YAML, the key and the path.
+    Returned extra key: ``yaml_file``.
+    """
+    yaml_file = Path(path).expanduser().resolve()
+    try:
+        with open(yaml_file, "r", encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{yaml_file}: data YAML not found") from None
+    except yaml.YAMLError as e:
+        raise DataError(f"{yaml_file}: YAML syntax error: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{yaml_file}: top level must be a mapping with keys train, val, nc, names")
+    known = {"path", "train", "val", "test", "nc", "names", "train_json", "val_json", "test_json",
+             "coco_ids", "download"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DataError(f"{yaml_file}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    for key in ("train", "val", "names"):
+        if raw.get(key) in (None, "", []):
+            raise DataError(f"{yaml_file}: missing required key '{key}'")
+
+    names = raw["names"]
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DataError(f"{yaml_file}: key 'names': dict keys must be class indices") from None
+        if keys != list(range(len(keys))):
+            raise DataError(f"{yaml_file}: key 'names': indices must be 0..{len(keys) - 1}")
+        names = [str(names[k] if k in names else names[str(k)]) for k in keys]
+    elif isinstance(names, (list, tuple)):
+        names = [str(n) for n in names]
+    else:
+        raise DataError(f"{yaml_file}: key 'names' must be a list or a mapping index -> name")
+    nc = raw.get("nc", len(names))
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+        raise DataError(f"{yaml_file}: key 'nc' must be a positive integer, got {nc!r}")
+    if len(names) != nc:
+        raise DataError(f"{yaml_file}: key 'names' has {len(names)} entries but nc={nc}")
+    coco_ids = raw.get("coco_ids")
+    if coco_ids is not None:
+        if (not isinstance(coco_ids, (list, tuple)) or len(coco_ids) != nc
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in coco_ids)):
+            raise DataError(f"{yaml_file}: key 'coco_ids' must be a list of {nc} integers "
+                            f"(class index -> COCO category id)")
+        if len(set(coco_ids)) != nc:
+            raise DataError(f"{yaml_file}: key 'coco_ids' has duplicate category ids")
+        coco_ids = [int(i) for i in coco_ids]
+
+    base = yaml_file.parent
+    if root is not None and str(root) != "":
+        droot = Path(expand_env(str(root))).expanduser()
+        droot = droot if droot.is_absolute() else Path.cwd() / droot
+    else:
+        droot = Path(expand_env(str(raw.get("path") or ".")))
+        droot = droot if droot.is_absolute() else base / droot
+    droot = Path(os.path.normpath(droot))
+    if check and not droot.is_dir():
+        src = "data.root override" if root else "key 'path'"
+        raise DataNotFoundError(f"{yaml_file}: {src}: dataset root not found: {droot} "
+                                f"(set YOLOQ_DATA_ROOT or data.root to relocate it)")
+
+    def resolve(key: str) -> Union[None, str, List[str]]:
+        val = raw.get(key)
+        if val in (None, ""):
+            return None
+        vals = val if isinstance(val, (list, tuple)) else [val]
+        out = []
+        for v in vals:
+            p = Path(expand_env(str(v))).expanduser()
+            p = Path(os.path.normpath(p if p.is_absolute() else droot / p))
+            if check and not p.exists():
+                raise DataNotFoundError(f"{yaml_file}: key '{key}': path not found: {p}")
+            out.append(str(p))
+        return out if isinstance(val, (list, tuple)) else out[0]
+
+    info = {"yaml_file": str(yaml_file), "path": str(droot), "nc": nc, "names": names,
+            "coco_ids": coco_ids}
+    for key in ("train", "val", "test", "train_json", "val_json", "test_json"):
+        info[key] = resolve(key)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# image lists and label paths
+# --------------------------------------------------------------------------------------------
+def img2label_path(img_path: PathLike) -> str:
+    """``.../images/x/a.jpg`` -> ``.../labels/x/a.txt`` (last ``/images/`` replaced)."""
+    p = str(img_path)
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    i = p.rfind(sa)
+    if i >= 0:
+        p = p[:i] + sb + p[i + len(sa):]
+    return os.path.splitext(p)[0] + ".txt"
+
+
+def list_images(source: Union[PathLike, Sequence[PathLike]]) -> List[str]:
+    """Sorted absolute image paths from a folder (recursive), a ``.txt`` list (one path per
+    line, relative lines against the list's folder) or a list of those. Missing -> error."""
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    files: List[str] = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            files += [str(f) for f in p.rglob("*") if f.suffix.lower() in IMG_FORMATS and f.is_file()]
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    f = Path(line).expanduser()
+                    files.append(str(f if f.is_absolute() else p.parent / f))
+        elif p.is_file() and p.suffix.lower() in IMG_FORMATS:
+            files.append(str(p))
+        else:
+            raise DataNotFoundError(f"dataset path not found: {p}" if not p.exists() else
+                                    f"dataset path is not an image folder, .txt list or image: {p}")
+    files = sorted({os.path.normpath(os.path.abspath(f)) for f in files
+                    if os.path.splitext(f)[1].lower() in IMG_FORMATS})
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# labels
+# --------------------------------------------------------------------------------------------
+def check_boxes(cls: np.ndarray, xyxy: np.ndarray, nc: Optional[int], shape: Tuple[int, int],
+                where: Sequence[str], issues: List[str], counts: Dict[str, int]) -> np.ndarray:
+    """Validate normalised boxes; return kept labels ``(n,5)`` ``cls cx cy w h``.
+
+    ``xyxy`` normalised corners, ``shape`` (h, w) of the image (for the pixel-size threshold),
+    ``where[i]`` names the row in messages. Appends messages to ``issues`` and increments
+    ``counts`` keys ``clipped`` and ``drop_<reason>``.
+    """
+    h, w = shape
+    keep: List[np.ndarray] = []
+    seen = set()
+    for i in range(len(cls)):
+        c = cls[i]
+        x1, y1, x2, y2 = (float(v) for v in xyxy[i])
+        reason = None
+        if not np.isfinite([c, x1, y1, x2, y2]).all():
+            reason, msg = "non_numeric", "non-finite value"
+        elif c != int(c) or c < 0 or (nc is not None and c >= nc):
+            reason, msg = "bad_class", f"class {c:g} not in 0..{(nc - 1) if nc else '?'}"
+        elif x2 <= x1 or y2 <= y1:
+            reason, msg = "degenerate", "zero or negative width/height"
+        elif min(x1, y1) < -OUT_TOLERANCE or max(x2, y2) > 1 + OUT_TOLERANCE:
+            reason, msg = "out_of_image", "box outside the image (not normalised?)"
+        if reason is None:
+            cx1, cy1, cx2, cy2 = min(max(x1, 0.0), 1.0), min(max(y1, 0.0), 1.0), \
+                min(max(x2, 0.0), 1.0), min(max(y2, 0.0), 1.0)
+            if (cx2 - cx1) * w < MIN_BOX_PX or (cy2 - cy1) * h < MIN_BOX_PX:
+                reason, msg = "degenerate", f"box smaller than {MIN_BOX_PX} px after clipping"
+            elif max(-x1, -y1, x2 - 1, y2 - 1) > ROUNDING_TOLERANCE:
+                counts["clipped"] = counts.get("clipped", 0) + 1
+        if reason is None:
+            row = (int(c), (cx1 + cx2) / 2, (cy1 + cy2) / 2, cx2 - cx1, cy2 - cy1)
+            key = tuple(np.float32(row))
+            if key in seen:
+                reason, msg = "duplicate", "duplicate box"
+            else:
+                seen.add(key)
+                keep.append(np.array(row, np.float32))
+                continue
+        counts[f"drop_{reason}"] = counts.get(f"drop_{reason}", 0) + 1
+        issues.append(f"{where[i]}: {msg}, dropped")
+    return np.stack(keep) if keep else np.zeros((0, 5), np.float32)
+
+
+def parse_yolo_label(path: PathLike, nc: Optional[int], shape: Tuple[int, int]
+                     ) -> Tuple[np.ndarray, List[str], Dict[str, int], str]:
+    """Parse a YOLO txt label file (``cls cx cy w h`` normalised per line).
+
+    Returns ``(labels (n,5) float32, issues, counts, status)`` with status ``ok`` | ``missing``
+    | ``empty``. A missing or empty file is a valid image without objects. Lines with a wrong
+    column count or non-numbers are dropped and reported, as are invalid boxes (see
+    :func:`check_boxes`).
+    """
+    issues: List[str] = []
+    counts: Dict[str, int] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return np.zeros((0, 5), np.float32), issues, counts, "missing"
+    except OSError as e:
+        issues.append(f"unreadable label file ({e.strerror}), image used without objects")
+        counts["unreadable_label"] = 1
+        return np.zeros((0, 5), np.float32), issues, counts, "missing"
+    rows, where = [], []
+    for ln, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 5:
+            counts["drop_bad_columns"] = counts.get("drop_bad_columns", 0) + 1
+            issues.append(f"line {ln}: {len(parts)} columns (expected 5: cls cx cy w h), dropped")
+            continue
+        try:
+            rows.append([float(v) for v in parts])
+        except ValueError:
+            counts["drop_non_numeric"] = counts.get("drop_non_numeric", 0) + 1
+            issues.append(f"line {ln}: not numeric, dropped")
+            continue
+        where.append(f"line {ln}")
+    if not rows:
+        return np.zeros((0, 5), np.float32), issues, counts, "empty" if not issues else "ok"
+    a = np.array(rows, np.float64)
+    xyxy = np.stack([a[:, 1] - a[:, 3] / 2, a[:, 2] - a[:, 4] / 2,
+                     a[:, 1] + a[:, 3] / 2, a[:, 2] + a[:, 4] / 2], 1)
+    labels = check_boxes(a[:, 0], xyxy, nc, shape, where, issues, counts)
+    return labels, issues, counts, "ok"
+
+
+def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Read a COCO instances JSON.
+
+    Category ids map to contiguous class indices: through ``coco_ids`` (index -> id) when
+    given, else in sorted id order. Returns ``{"images": {file_name: {"id", "width", "height"}},
+    "anns": {image_id: [ann, ...]}, "cat_to_cls": {id: cls}, "names": [...] }``.
+    """
+    json_file = Path(json_file)
+    try:
+        with open(json_file, "r", encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"COCO annotation file not found: {json_file}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{json_file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or "images" not in d:
+        raise DataError(f"{json_file}: not a COCO instances file (no 'images' key)")
+    cats = sorted(d.get("categories", []), key=lambda c: c["id"])
+    if coco_ids is not None:
+        cat_to_cls = {int(cid): i for i, cid in enumerate(coco_ids)}
+    else:
+        cat_to_cls = {int(c["id"]): i for i, c in enumerate(cats)}
+    id2name = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+    names = [id2name.get(cid, str(cid)) for cid, _ in sorted(cat_to_cls.items(), key=lambda t: t[1])]
+    images = {}
+    for im in d["images"]:
+        images[os.path.basename(im["file_name"])] = {
+            "id": im["id"], "width": int(im["width"]), "height": int(im["height"])}
+    anns: Dict[Any, list] = {}
+    for a in d.get("annotations", []):
+        anns.setdefault(a["image_id"], []).append(a)
+    return {"images": images, "anns": anns, "cat_to_cls": cat_to_cls, "names": names}
+
+
+def coco_image_labels(anns: Sequence[dict], cat_to_cls: Dict[int, int], nc: Optional[int],
+                      shape: Tuple[int, int]) -> Tuple[np.ndarray, List[str], Dict[str, int]]:
+    """Convert one image's COCO annotations (bbox ``x y w h`` pixels of ``shape`` = (h, w)) to
+    labels ``(n,5)``; ``iscrowd`` regions are skipped (counted as ``crowd``)."""
+    h, w = shape
+    issues: List[str] = []
+    counts: Dict[str, int] = {}
+    cls, xyxy, where = [], [], []
+    for a in anns:
+        if a.get("iscrowd", 0):
+            counts["crowd"] = counts.get("crowd", 0) + 1
+            continue
+        bb = a.get("bbox")
+        if not isinstance(bb, (list, tuple)) or len(bb) != 4:
+            counts["drop_bad_columns"] = counts.get("drop_bad_columns", 0) + 1
+            issues.append(f"annotation {a.get('id')}: bbox must be [x, y, w, h], dropped")
+            continue
+        c = cat_to_cls.get(int(a.get("category_id", -1)), -1)
+        x, y, bw, bh = (float(v) for v in bb)
+        cls.append(c)
+        xyxy.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
+        where.append(f"annotation {a.get('id')} (category {a.get('category_id')})")
+    if not cls:
+        return np.zeros((0, 5), np.float32), issues, counts
+    labels = check_boxes(np.array(cls, np.float64), np.array(xyxy, np.float64), nc, shape, where,
+                         issues, counts)
+    return labels, issues, counts
+
+
+def to_coco_dict(file_names: Sequence[str], image_ids: Sequence[int], shapes: Sequence[Tuple[int, int]],
+                 labels: Sequence[np.ndarray], names: Sequence[str],
+                 coco_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Build a COCO instances dict from normalised labels (e.g. ground truth for COCO eval of a
+    YOLO-txt dataset). Category id = ``coco_ids[cls]`` or ``cls + 1``; ``area`` = box area."""
+    cat_ids = list(coco_ids) if coco_ids is not None else [i + 1 for i in range(len(names))]
+    out = {"info": {"description": "yolo_q"}, "licenses": [],
+           "categories": [{"id": int(cat_ids[i]), "name": str(n), "supercategory": ""}
+                          for i, n in enumerate(names)],
+           "images": [], "annotations": []}
+    aid = 1
+    for fn, iid, (h, w), lab in zip(file_names, image_ids, shapes, labels):
+        out["images"].append({"id": int(iid), "file_name": os.path.basename(fn),
+                              "height": int(h), "width": int(w)})
+        for c, cx, cy, bw, bh in np.asarray(lab, np.float64).reshape(-1, 5):
+            pw, ph = bw * w, bh * h
+            out["annotations"].append({
+                "id": aid, "image_id": int(iid), "category_id": int(cat_ids[int(c)]),
+                "bbox": [round((cx * w) - pw / 2, 3), round((cy * h) - ph / 2, 3),
+                         round(pw, 3), round(ph, 3)],
+                "area": round(pw * ph, 3), "iscrowd": 0})
+            aid += 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# label cache (.npz, no pickle)
+# --------------------------------------------------------------------------------------------
+def files_hash(paths: Sequence[PathLike], extra: str = "") -> str:
+    """Hash of paths + sizes + mtimes (missing files count as such)."""
+    h = hashlib.sha1(f"v{CACHE_VERSION}|{extra}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}|-\n".encode())
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Fallback cache folder: ``$YOLOQ_CACHE_DIR`` or ``~/.cache/yolo_q``."""
+    return Path(os.environ.get("YOLOQ_CACHE_DIR") or Path.home() / ".cache" / "yolo_q")
+
+
+def cache_candidates(primary: PathLike) -> List[Path]:
+    """Where a label cache may live: next to the labels, then in :func:`cache_dir`."""
+    primary = Path(primary)
+    tag = hashlib.sha1(str(primary.resolve()).encode()).hexdigest()[:16]
+    return [primary, cache_dir() / f"{primary.stem}-{tag}.cache"]
+
+
+def _writable_dir(d: Path) -> bool:
+    """Writable for us AND not marked read-only by its mode bits (which root would ignore):
+    shared, read-only dataset folders are never written to."""
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def save_cache(path: PathLike, payload: Dict[str, np.ndarray]) -> Optional[Path]:
+    """Write the cache atomically to the first writable candidate; never raises."""
+    for cand in cache_candidates(path):
+        if not _writable_dir(cand.parent):
+            continue
+        try:
+            cand.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{cand.name}.", suffix=".tmp", dir=cand.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **payload)
+                os.replace(tmp, cand)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return cand
+        except OSError as e:
+            LOGGER.debug("label cache not writable at %s (%s)", cand, e)
+    return None
+
+
+def load_cache(path: PathLike, key: str) -> Optional[Dict[str, np.ndarray]]:
+    """Return the cached arrays if a candidate exists with a matching key, else None."""
+    for cand in cache_candidates(path):
+        try:
+            with np.load(cand, allow_pickle=False) as z:
+                if str(z["key"]) == key and int(z["version"]) == CACHE_VERSION:
+                    return {k: z[k] for k in z.files}
+        except (OSError, KeyError, ValueError, EOFError):
+            continue
+        except Exception as e:  # noqa: BLE001 - a corrupt cache must never stop training
+            LOGGER.debug("ignoring unreadable label cache %s (%s)", cand, e)
+    return None
