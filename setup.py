@@ -4,7 +4,7 @@ setup(
     name="yolo_q",
     version="0.1.0",
     description="YOLOv6-style detection training with quantization (PTQ, QAT, INT8 export) built in",
-    packages=find_packages(include=["yolo_q", "yolo_q.*"]),
+    packages=find_packages(include=["yolo_q", "yolo_q.*", "deploy"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

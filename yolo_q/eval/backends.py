@@ -1,0 +1,290 @@
+"""Runtime backends behind one interface: ``backend(imgs) -> raw predictions (B, N, 5+nc)``.
+
+``imgs`` is a float tensor (B, 3, H, W) in [0, 1] (uint8 / 255). Backends: a torch model
+(:class:`TorchBackend`), ONNX Runtime (:class:`OrtBackend`) and TensorRT (:class:`TrtBackend`,
+via ``deploy/trt.py``; needs ``tensorrt`` and a CUDA GPU). A graph exported with end-to-end NMS
+returns the tuple ``(num_dets, det_boxes, det_scores, det_classes)`` instead (``end2end=True``);
+:func:`yolo_q.eval.evaluate` handles both.
+
+Fixed-shape engines/graphs: a smaller input is padded right/bottom (letterbox grey, which keeps
+box coordinates valid); a fixed batch is served by splitting and padding the batch.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Backend", "TorchBackend", "OrtBackend", "TrtBackend", "build_backend",
+           "BACKEND_KINDS", "PAD_VALUE"]
+
+PAD_VALUE = 114 / 255.0  # letterbox grey
+E2E_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+BACKEND_KINDS = ("torch", "onnxruntime", "tensorrt")
+_ALIASES = {"pt": "torch", "pytorch": "torch", "ort": "onnxruntime", "onnx": "onnxruntime",
+            "trt": "tensorrt"}
+PathLike = Union[str, os.PathLike]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Backend:
+    """Base class. Subclasses set ``kind``, ``device``, ``end2end``, ``input_hw`` (fixed (H, W)
+    or None) and ``fixed_batch`` (int or None), and implement ``__call__``."""
+
+    kind = "base"
+    end2end = False
+    device = torch.device("cpu")
+    input_hw: Optional[Tuple[int, int]] = None
+    fixed_batch: Optional[int] = None
+
+    def __call__(self, imgs: torch.Tensor):
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warmup(self, img_size=640, batch: int = 1, n: int = 1) -> None:
+        """Run ``n`` dummy batches (first-call allocations, cudnn/TensorRT tactics)."""
+        h, w = self.input_hw or ((img_size, img_size) if isinstance(img_size, int)
+                                 else tuple(img_size))
+        x = torch.zeros(batch, 3, h, w, device=self.device)
+        for _ in range(n):
+            self(x)
+        self.synchronize()
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(device={self.device}, input_hw={self.input_hw}, "
+                f"fixed_batch={self.fixed_batch}, end2end={self.end2end})")
+
+
+def _fit_hw(x: torch.Tensor, hw: Optional[Tuple[int, int]], source: str) -> torch.Tensor:
+    """Pad (B, 3, h, w) right/bottom to a fixed (H, W); error if larger."""
+    if hw is None or tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    h, w = x.shape[-2:]
+    H, W = hw
+    if h > H or w > W:
+        raise ValueError(f"{source}: input images are {h}x{w} but the model takes {H}x{W}; "
+                         f"export/build it for a larger size or evaluate at {H}x{W}")
+    return F.pad(x, (0, W - w, 0, H - h), value=PAD_VALUE)
+
+
+def _run_batched(fn, x, fixed_batch: Optional[int], max_batch: Optional[int] = None):
+    """Call ``fn`` on chunks of ``x`` that fit the model's batch: exactly ``fixed_batch``
+    (padding the last chunk by repeating its last image) or at most ``max_batch``. Returns a
+    tensor or tuple of tensors concatenated over the batch."""
+    b = x.shape[0]
+    step = fixed_batch or max_batch
+    if not step or (b == step if fixed_batch else b <= step):
+        return fn(x)
+    outs = []
+    for s in range(0, b, step):
+        chunk = x[s:s + step]
+        n = chunk.shape[0]
+        if fixed_batch and n < fixed_batch:
+            chunk = torch.cat((chunk, chunk[-1:].expand(fixed_batch - n, *chunk.shape[1:])))
+        y = fn(chunk)
+        outs.append(tuple(t[:n] for t in y) if isinstance(y, tuple) else y[:n])
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+class TorchBackend(Backend):
+    """A torch model (eval mode). ``fuse``/``half`` work on a deep copy; ``half`` needs CUDA."""
+
+    kind = "torch"
+
+    def __init__(self, model: torch.nn.Module, device=None, fuse: bool = False,
+                 half: bool = False):
+        if fuse or half:
+            model = copy.deepcopy(model)
+        if fuse:
+            if not callable(getattr(model, "fuse", None)):
+                raise TypeError(f"{type(model).__name__} has no fuse() method")
+            model.fuse()
+        p = next(iter(model.parameters()), None)
+        self.device = torch.device(device) if device is not None else (
+            p.device if p is not None else torch.device("cpu"))
+        if half and self.device.type != "cuda":
+            raise ValueError(f"half=True needs a CUDA device, got {self.device}")
+        self.model = model.to(self.device).eval()
+        self.dtype = torch.float16 if half else torch.float32
+        if half:
+            self.model.half()
+
+    @torch.no_grad()
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        if self.model.training:
+            self.model.eval()
+        y = self.model(imgs.to(self.device, self.dtype))
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        return y.float()
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime session. ``threads``: intra-op threads (None: ORT default).
+    ``providers``: list, or None for auto (CUDA when available and torch sees a GPU, then
+    CPU)."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, onnx_path: PathLike, threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeError("ONNX Runtime backend needs onnxruntime: pip install "
+                               "onnxruntime (or onnxruntime-gpu)") from None
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX model not found")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = ["CPUExecutionProvider"]
+            if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+                providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=list(providers))
+        except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
+            raise RuntimeError(f"{self.path}: ONNX Runtime could not load the model: "
+                               f"{str(e).splitlines()[0]}") from e
+        self.providers = self.session.get_providers()
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        shape = list(inp.shape)
+        if len(shape) != 4:
+            raise ValueError(f"{self.path}: expected a (B, 3, H, W) input, got {shape}")
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        self.input_hw = ((shape[2], shape[3]) if all(isinstance(v, int) and v > 0
+                                                     for v in shape[2:]) else None)
+        self.np_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.end2end = set(E2E_OUTPUTS) <= set(self.output_names)
+        self._outputs = (list(E2E_OUTPUTS) if self.end2end else
+                         ["outputs" if "outputs" in self.output_names else self.output_names[0]])
+        self.device = torch.device("cpu")
+
+    def _run(self, x: torch.Tensor):
+        arr = np.ascontiguousarray(x.detach().cpu().numpy().astype(self.np_dtype, copy=False))
+        outs = self.session.run(self._outputs, {self.input_name: arr})
+        ts = [torch.from_numpy(np.asarray(o)) for o in outs]
+        if self.end2end:
+            return tuple(ts)
+        return ts[0].float()
+
+    def __call__(self, imgs: torch.Tensor):
+        x = _fit_hw(imgs.float(), self.input_hw, str(self.path))
+        return _run_batched(self._run, x, self.fixed_batch)
+
+
+def load_deploy_trt():
+    """Import ``deploy/trt.py`` lazily: as ``deploy.trt`` when the repository root is on the path,
+    else from the file next to the package (a source checkout)."""
+    try:
+        mod = importlib.import_module("deploy.trt")
+        if hasattr(mod, "require_tensorrt"):
+            return mod
+    except ImportError:
+        pass
+    path = REPO_ROOT / "deploy" / "trt.py"
+    if not path.is_file():
+        raise RuntimeError(f"TensorRT backend: {path} not found (it ships with the yolo_q "
+                           f"source tree)")
+    name = "yolo_q_deploy_trt"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class TrtBackend(Backend):
+    """TensorRT engine (``.engine``/``.plan``) or an ONNX file that is built into one first
+    (``<onnx stem>.engine`` next to it, rebuilt when missing or older than the ONNX, or when
+    ``rebuild``). Build options: ``fp16``, ``int8`` (None: on when the ONNX has Q/DQ nodes),
+    ``workspace_gb``, ``max_batch`` (dynamic-batch profile), ``timing_cache``.
+    Without tensorrt or CUDA this raises RuntimeError with a one-line explanation."""
+
+    kind = "tensorrt"
+
+    def __init__(self, engine_or_onnx: PathLike, fp16: bool = True, int8: Optional[bool] = None,
+                 workspace_gb: float = 4.0, max_batch: int = 32,
+                 timing_cache: Optional[PathLike] = None, device=None, rebuild: bool = False,
+                 verbose: bool = False):
+        trt_mod = load_deploy_trt()
+        trt_mod.require_tensorrt()  # one-line RuntimeError when tensorrt/CUDA is missing
+        src = Path(engine_or_onnx)
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: TensorRT engine or ONNX file not found")
+        if src.suffix.lower() == ".onnx":
+            engine = src.with_suffix(".engine")
+            if rebuild or not engine.is_file() or engine.stat().st_mtime < src.stat().st_mtime:
+                trt_mod.build_engine(src, engine, fp16=fp16, int8=int8,
+                                     workspace_gb=workspace_gb, max_batch=max_batch,
+                                     timing_cache=timing_cache, verbose=verbose)
+        else:
+            engine = src
+        self.path = engine
+        self.runner = trt_mod.TrtRunner(engine, device=device)
+        self.device = self.runner.device
+        self.input_hw = self.runner.input_hw
+        self.fixed_batch = self.runner.fixed_batch
+        self.max_batch = self.runner.max_batch
+        self.end2end = set(E2E_OUTPUTS) <= set(self.runner.output_names)
+        self._out = "outputs" if "outputs" in self.runner.output_names else \
+            self.runner.output_names[0]
+
+    def _run(self, x: torch.Tensor):
+        outs = self.runner(x)
+        if self.end2end:
+            return tuple(outs[n] for n in E2E_OUTPUTS)
+        return outs[self._out].float()
+
+    def __call__(self, imgs: torch.Tensor):
+        x = _fit_hw(imgs.to(self.device, torch.float32), self.input_hw, str(self.path))
+        return _run_batched(self._run, x, self.fixed_batch, self.max_batch)
+
+
+def build_backend(kind: str, source=None, **kwargs) -> Backend:
+    """Backend by name: ``torch`` (``source``: a model, or a checkpoint path loaded with
+    :func:`yolo_q.load_model`; kwargs ``cfg``, ``device``, ``fuse``, ``half``),
+    ``onnxruntime``/``ort`` (``source``: .onnx; ``threads``, ``providers``),
+    ``tensorrt``/``trt`` (``source``: .engine or .onnx; see :class:`TrtBackend`)."""
+    kind = _ALIASES.get(kind.lower(), kind.lower())
+    if kind not in BACKEND_KINDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_KINDS)}, got {kind!r}")
+    if source is None:
+        raise ValueError(f"{kind} backend needs a source (model, checkpoint, ONNX or engine)")
+    if isinstance(source, Backend):
+        return source
+    if kind == "torch":
+        if isinstance(source, torch.nn.Module):
+            return TorchBackend(source, **kwargs)
+        from yolo_q import load_model
+        cfg = kwargs.pop("cfg", None)
+        device = kwargs.pop("device", "cpu")
+        fuse = kwargs.pop("fuse", True)
+        model = load_model(source, cfg=cfg, device=device)
+        return TorchBackend(model, device=device, fuse=fuse, **kwargs)
+    if kind == "onnxruntime":
+        return OrtBackend(source, **kwargs)
+    return TrtBackend(source, **kwargs)
