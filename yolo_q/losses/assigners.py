@@ -1,9 +1,9 @@
 """Label assignment for anchor-free detection: Task-Aligned (TAL) and ATSS.
 
 Both assigners are vectorized over the batch and the ground truths. Ground truths come padded:
-``gt_labels (B, G)`` (long), ``gt_boxes (B, G, 4)`` pixels ``xyxy``, ``mask_gt (B, G)`` bool (False on
-padding). Both return an :class:`AssignResult` whose ``labels`` are ``nc`` (background) where
-``fg_mask`` is False. Rules shared by both:
+``gt_labels (B, G)`` (long), ``gt_boxes (B, G, 4)`` pixels ``xyxy``, ``mask_gt (B, G)`` bool
+(False on padding). Both return an :class:`AssignResult` whose ``labels`` are ``nc``
+(background) where ``fg_mask`` is False. Rules shared by both:
 
 * a gt can only be assigned to anchors whose centre lies strictly inside it;
 * an anchor claimed by several gts goes to the claiming gt with the highest IoU (TAL: IoU with the
@@ -46,25 +46,31 @@ def _empty_result(bs: int, n: int, nc: int, device, dtype=torch.float32) -> Assi
                         torch.zeros(bs, n, dtype=torch.long, device=device))
 
 
-def _resolve(mask_pos: torch.Tensor, overlaps: torch.Tensor):
-    """One gt per anchor: among the gts claiming an anchor, the one with the highest overlap.
-
-    Returns ``gt_idx (B, N)``, ``fg_mask (B, N)`` and the one-gt-per-anchor ``mask_pos (B, G, N)``.
-    """
-    fg_mask = mask_pos.any(1)
-    gt_idx = torch.where(mask_pos, overlaps, overlaps.new_tensor(-1.0)).argmax(1)  # (B, N)
-    g = torch.arange(mask_pos.shape[1], device=mask_pos.device).view(1, -1, 1)
-    mask_pos = (g == gt_idx[:, None, :]) & fg_mask[:, None, :]
-    return gt_idx, fg_mask, mask_pos
+def _pow(x: torch.Tensor, e: float) -> torch.Tensor:
+    return x if e == 1 else x.pow(e)
 
 
-def _gather_targets(gt_labels, gt_boxes, gt_idx, fg_mask, nc: int):
-    labels = torch.gather(gt_labels, 1, gt_idx).masked_fill(~fg_mask, nc)  # (B, N)
+def _resolve(cand_idx: torch.Tensor, cand_ok: torch.Tensor, cand_iou: torch.Tensor, n: int):
+    """One gt per anchor. ``cand_idx (B, G, K)``: candidate anchors of each gt, ``cand_ok``: which
+    of them the gt claims, ``cand_iou``: their overlaps. An anchor claimed by several gts goes to
+    the claiming gt with the highest overlap. Returns ``gt_idx (B, N)`` and ``fg_mask (B, N)``."""
+    bs, n_gt, _ = cand_idx.shape
+    claims = cand_iou.new_full((bs, n_gt, n), -1.0)
+    claims.scatter_(-1, cand_idx, torch.where(cand_ok, cand_iou, -1.0))
+    best, gt_idx = claims.max(1)  # max(): faster than argmax on CPU
+    fg_mask = best >= 0
+    return gt_idx.masked_fill_(~fg_mask, 0), fg_mask
+
+
+def _gather_targets(gt_labels, gt_boxes, gt_idx, fg_mask, score, nc: int):
+    """Per anchor: label (``nc`` on background), gt box (zeros on background) and the class score
+    map ``(B, N, nc)`` holding ``score (B, N)`` at the label."""
+    labels = torch.gather(gt_labels, 1, gt_idx).masked_fill_(~fg_mask, nc)  # (B, N)
     boxes = torch.gather(gt_boxes, 1, gt_idx[..., None].expand(-1, -1, 4))
-    boxes = boxes * fg_mask[..., None]
-    onehot = torch.zeros(*labels.shape, nc + 1, device=labels.device, dtype=gt_boxes.dtype)
-    onehot.scatter_(-1, labels[..., None], 1.0)
-    return labels, boxes, onehot[..., :nc]
+    boxes = torch.where(fg_mask[..., None], boxes, 0.0)
+    scores = torch.zeros(*labels.shape, nc + 1, device=labels.device, dtype=gt_boxes.dtype)
+    scores.scatter_(-1, labels[..., None], score.to(scores.dtype)[..., None])
+    return labels, boxes, scores[..., :nc]
 
 
 class TaskAlignedAssigner(nn.Module):
@@ -83,7 +89,8 @@ class TaskAlignedAssigner(nn.Module):
 
     @torch.no_grad()
     def forward(self, pd_scores: torch.Tensor, pd_boxes: torch.Tensor, anchor_points: torch.Tensor,
-                gt_labels: torch.Tensor, gt_boxes: torch.Tensor, mask_gt: torch.Tensor) -> AssignResult:
+                gt_labels: torch.Tensor, gt_boxes: torch.Tensor,
+                mask_gt: torch.Tensor) -> AssignResult:
         """pd_scores (B, N, nc) probabilities, pd_boxes (B, N, 4) pixels xyxy, anchor_points (N, 2)
         pixels; gt tensors as in the module docstring."""
         bs, n, _ = pd_scores.shape
@@ -94,22 +101,26 @@ class TaskAlignedAssigner(nn.Module):
         labels = gt_labels.long().clamp(0, self.nc - 1)
         in_gts = points_in_boxes(anchor_points, gt_boxes) & mask_gt[..., None]  # (B, G, N)
         # score of each gt's class at every anchor: (B, G, N)
-        cls_score = torch.gather(pd_scores.transpose(1, 2), 1, labels[..., None].expand(-1, -1, n))
-        overlaps = box_iou(gt_boxes, pd_boxes).mul_(in_gts)
-        align = cls_score.pow(self.alpha) * overlaps.pow(self.beta)  # zero outside the gt
+        b_idx = torch.arange(bs, device=labels.device)[:, None]
+        cls_score = pd_scores.transpose(1, 2)[b_idx, labels]
+        overlaps = torch.where(in_gts, box_iou(gt_boxes, pd_boxes), 0.0)
+        align = _pow(cls_score, self.alpha) * _pow(overlaps, self.beta)  # zero outside the gt
         k = min(self.topk, n)
         topk_idx = align.topk(k, dim=-1).indices  # (B, G, k)
-        mask_topk = torch.zeros_like(in_gts).scatter_(-1, topk_idx, True)
-        mask_pos = mask_topk & in_gts  # in_gts already excludes padded gts
-        gt_idx, fg_mask, mask_pos = _resolve(mask_pos, overlaps)
-        tgt_labels, tgt_boxes, tgt_scores = _gather_targets(labels, gt_boxes, gt_idx, fg_mask,
+        # in_gts already excludes padded gts
+        gt_idx, fg_mask = _resolve(topk_idx, in_gts.gather(-1, topk_idx),
+                                   overlaps.gather(-1, topk_idx), n)
+        # normalize the alignment per gt so that its best positive gets the gt's best IoU:
+        # t * max_u / max_t, maxima over each gt's final positives (O(B*N) via scatter-amax)
+        idx = gt_idx[:, None, :]
+        align_a = torch.where(fg_mask, align.gather(1, idx)[:, 0], 0.0)  # (B, N)
+        iou_a = torch.where(fg_mask, overlaps.gather(1, idx)[:, 0], 0.0)
+        max_align = align_a.new_zeros(bs, n_gt).scatter_reduce_(1, gt_idx, align_a, "amax")
+        max_iou = iou_a.new_zeros(bs, n_gt).scatter_reduce_(1, gt_idx, iou_a, "amax")
+        norm = align_a * max_iou.gather(1, gt_idx) / (max_align.gather(1, gt_idx) + self.eps)
+        tgt_labels, tgt_boxes, tgt_scores = _gather_targets(labels, gt_boxes, gt_idx, fg_mask, norm,
                                                             self.nc)
-        # normalize the alignment per gt so that its best anchor gets the gt's best IoU
-        align = align * mask_pos
-        max_align = align.amax(-1, keepdim=True)  # (B, G, 1)
-        max_iou = (overlaps * mask_pos).amax(-1, keepdim=True)
-        norm = (align * max_iou / (max_align + self.eps)).amax(1)  # (B, N), one gt per anchor
-        return AssignResult(tgt_labels, tgt_boxes, tgt_scores * norm[..., None], fg_mask, gt_idx)
+        return AssignResult(tgt_labels, tgt_boxes, tgt_scores, fg_mask, gt_idx)
 
 
 class ATSSAssigner(nn.Module):
@@ -141,7 +152,6 @@ class ATSSAssigner(nn.Module):
             return _empty_result(bs, n, self.nc, anchor_boxes.device, dtype)
         mask_gt = mask_gt.bool()
         labels = gt_labels.long().clamp(0, self.nc - 1)
-        overlaps = box_iou(gt_boxes, anchor_boxes)  # (B, G, N)
         gt_c = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
         anc_c = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2  # (N, 2)
         cand_idx, start = [], 0
@@ -152,19 +162,23 @@ class ATSSAssigner(nn.Module):
             cand_idx.append(d2.topk(min(self.topk, n_l), dim=-1, largest=False).indices + start)
             start += n_l
         cand_idx = torch.cat(cand_idx, -1)  # (B, G, K)
-        cand_iou = torch.gather(overlaps, -1, cand_idx)
+        # everything else only on the K candidates per gt
+        cand_iou = box_iou(gt_boxes[..., None, :], anchor_boxes[cand_idx])[..., 0, :]  # (B, G, K)
         thr = cand_iou.mean(-1, keepdim=True)
         if cand_idx.shape[-1] > 1:
             thr = thr + cand_iou.std(-1, keepdim=True)
-        # candidates above the threshold (1e-6 guards rounding when all candidate IoUs tie)
-        is_pos = cand_iou >= thr - 1e-6
-        mask_pos = torch.zeros_like(overlaps, dtype=torch.bool).scatter_(-1, cand_idx, is_pos)
-        mask_pos &= points_in_boxes(anc_c, gt_boxes) & mask_gt[..., None]
-        gt_idx, fg_mask, mask_pos = _resolve(mask_pos, overlaps)
+        cand_c = anc_c[cand_idx]  # (B, G, K, 2)
+        inside = ((cand_c - gt_boxes[..., None, :2]).amin(-1) > self.eps) & \
+                 ((gt_boxes[..., None, 2:] - cand_c).amin(-1) > self.eps)
+        # IoU >= threshold (1e-6 guards rounding when all candidate IoUs tie), centre inside
+        ok = (cand_iou >= thr - 1e-6) & inside & mask_gt[..., None]
+        gt_idx, fg_mask = _resolve(cand_idx, ok, cand_iou, n)
+        if pd_boxes is None:
+            score = fg_mask.to(dtype)
+        else:  # soft score: IoU of each anchor's prediction with its gt
+            assigned = torch.gather(gt_boxes, 1, gt_idx[..., None].expand(-1, -1, 4))
+            score = box_iou(pd_boxes[..., None, :], assigned[..., None, :])[..., 0, 0]
+            score = torch.where(fg_mask, score, 0.0)
         tgt_labels, tgt_boxes, tgt_scores = _gather_targets(labels, gt_boxes, gt_idx, fg_mask,
-                                                            self.nc)
-        if pd_boxes is not None:
-            from .iou import bbox_iou
-            ious = bbox_iou(pd_boxes, tgt_boxes, "iou", eps=self.eps).clamp(0, 1) * fg_mask
-            tgt_scores = tgt_scores * ious[..., None]
+                                                            score, self.nc)
         return AssignResult(tgt_labels, tgt_boxes, tgt_scores, fg_mask, gt_idx)

@@ -10,7 +10,8 @@ returns every pair. Formulas:
 * SIoU (Gevorgyan 2022) = IoU - (Delta + Omega) / 2 with the angle cost
   Lambda = sin(2 * min(alpha, pi/2 - alpha)) = 2|dx||dy| / (dx^2 + dy^2) (dx, dy: centre offsets),
   the distance cost Delta = sum_{x,y} 1 - exp(-(2 - Lambda) * (d / c_side)^2) (c_side: enclosing
-  box width / height) and the shape cost Omega = sum_{w,h} (1 - exp(-|w_p - w_t| / max(w_p, w_t)))^4.
+  box width / height) and the shape cost
+  Omega = sum_{w,h} (1 - exp(-|w_p - w_t| / max(w_p, w_t)))^4.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ IOU_TYPES = ("iou", "giou", "ciou", "siou")
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    """Area of xyxy boxes (negative sides count as 0)."""
+    return ((boxes[..., 2] - boxes[..., 0]).clamp(min=0)
+            * (boxes[..., 3] - boxes[..., 1]).clamp(min=0))
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
