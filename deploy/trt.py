@@ -27,7 +27,15 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 PathLike = Union[str, os.PathLike]
 INSTALL_HINT = "on a machine with an NVIDIA GPU and CUDA 12 run: pip install tensorrt"
 
-__all__ = ["require_tensorrt", "is_available", "onnx_has_qdq", "build_engine", "TrtRunner"]
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT or CUDA is missing (or too old); the message says what and how to install."""
+
+    user_facing = True  # tools print the message as one line and exit 2
+
+
+__all__ = ["TensorRTUnavailable", "require_tensorrt", "is_available", "onnx_has_qdq", "build_engine", "TrtRunner"]
 
 
 def require_tensorrt():
@@ -47,7 +55,7 @@ def require_tensorrt():
     if not has_cuda:
         missing.append("no CUDA GPU is visible to torch")
     if missing:
-        raise RuntimeError(f"TensorRT backend unavailable: {' and '.join(missing)}; "
+        raise TensorRTUnavailable(f"TensorRT backend unavailable: {' and '.join(missing)}; "
                            f"{INSTALL_HINT}")
     version = str(getattr(trt, "__version__", "0"))
     try:
@@ -55,7 +63,7 @@ def require_tensorrt():
     except ValueError:
         major = 0
     if major < 10:
-        raise RuntimeError(f"TensorRT {version} found but the TensorRT 10 API is required; "
+        raise TensorRTUnavailable(f"TensorRT {version} found but the TensorRT 10 API is required; "
                            f"run: pip install -U 'tensorrt>=10'")
     return trt
 

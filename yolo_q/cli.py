@@ -25,7 +25,10 @@ def run_tool(main, argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return main(argv) or 0
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001
+        expected = (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError)
+        if not (isinstance(e, expected) or getattr(e, "user_facing", False)):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,88 @@
+"""``run_eval``: one call behind ``tools/eval.py`` — any backend, shared data, post-processing
+and COCO evaluation."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from .backends import build_backend
+from .coco import COCOEvaluator
+from .runner import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+def config_for(weights: Optional[str], config: Optional[str], overrides=()):
+    """The run config: ``--config`` (+ overrides), else the one stored in a yolo_q checkpoint,
+    else the defaults (+ overrides)."""
+    from ..config import apply_overrides, config_from_dict, load_config
+    if config:
+        return load_config(config, overrides)
+    if weights and str(weights).endswith((".pt", ".pth")):
+        from ..engine.checkpoint import read_checkpoint_any
+        stored = read_checkpoint_any(weights).get("config")
+        if stored:
+            return apply_overrides(config_from_dict(stored), overrides)
+    return load_config(None, overrides)
+
+
+def val_loader_for(cfg, batch_size: int, img_size: Optional[int] = None, data: Optional[str] = None,
+                   workers: Optional[int] = None):
+    """Validation dataset + loader (no augmentation, letterboxed to ``img_size``)."""
+    from ..data import build_dataloader, build_datasets_from_config
+    if data:
+        cfg.data.dataset = data
+    if img_size:
+        cfg.data.img_size = int(img_size)
+    _, val_ds, info = build_datasets_from_config(cfg, splits=("val",))
+    loader = build_dataloader(val_ds, batch_size, shuffle=False,
+                              workers=cfg.data.workers if workers is None else workers,
+                              seed=cfg.train.seed)
+    return val_ds, loader, info
+
+
+def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
+             img_size: Optional[int] = None, data: Optional[str] = None, conf: Optional[float] = None,
+             iou: Optional[float] = None, max_det: Optional[int] = None, half: bool = False,
+             save_json: Optional[str] = None, save_dir: Optional[str] = None,
+             max_images: Optional[int] = None, per_class: bool = False, verbose: bool = True,
+             **backend_kwargs) -> Dict[str, Any]:
+    """Evaluate ``source`` (checkpoint / model for ``torch``, .onnx for ``onnxruntime``, .engine or
+    .onnx for ``tensorrt``) on the config's validation set; returns the metrics dict."""
+    kwargs = dict(backend_kwargs)
+    if backend == "torch":
+        kwargs.update(cfg=cfg if not isinstance(source, (str, Path)) or not str(source).endswith(
+            (".pt", ".pth")) else kwargs.get("cfg"), half=half)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    elif backend == "tensorrt":
+        kwargs.setdefault("fp16", True)
+    engine = build_backend(backend, source, **kwargs)  # fails fast (e.g. TensorRT missing)
+    val_ds, loader, _ = val_loader_for(cfg, batch_size, img_size, data)
+    evaluator = COCOEvaluator.from_dataset(val_ds)
+    max_batches = -(-max_images // batch_size) if max_images else None
+    res = evaluate(engine, loader, evaluator,
+                   conf_thres=cfg.eval.conf_thres if conf is None else conf,
+                   iou_thres=cfg.eval.iou_thres if iou is None else iou,
+                   max_det=cfg.eval.max_det if max_det is None else max_det,
+                   progress=verbose, max_batches=max_batches)
+    if verbose:
+        print(evaluator.last_table, end="")
+        if per_class and res.get("per_class"):
+            print(f"{'class':<20}{'AP50-95':>9}{'AP50':>9}")
+            for row in res["per_class"]:
+                if isinstance(row, dict):
+                    print(f"{str(row.get('name', row.get('class'))):<20}"
+                          f"{row.get('ap50_95', float('nan')):>9.4f}{row.get('ap50', float('nan')):>9.4f}")
+    if save_dir:
+        out = Path(save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        evaluator.save_json(out / "predictions.json")
+        evaluator.save_pr_curves(out / "pr_curves.npz", res)
+    if save_json:
+        scalars = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+        scalars["stats"] = [float(s) for s in res.get("stats", [])]
+        Path(save_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(save_json).write_text(json.dumps(scalars, indent=2))
+    return res
