@@ -165,6 +165,9 @@ class QuantConfig:
     skip_dfl: bool = True
     high_precision_outputs: bool = True
     share_concat_scales: bool = True
+    # tensorrt | onnxruntime (Q/DQ placement, see yolo_q.quant.convert); null: follow
+    # export.flavour when that is a QDQ flavour, else tensorrt
+    flavour: Optional[str] = None
     skip_layers: List[str] = field(default_factory=list)
     sensitivity_images: int = 64
     qat: QATConfig = field(default_factory=QATConfig)

@@ -1,0 +1,31 @@
+"""Quantization: fake-quant quantizers, calibrators, module swap (:func:`convert`), PTQ
+calibration, shared concat scales and an integer-arithmetic check. Models know nothing about
+it: ``convert(model.fuse(), cfg)`` returns a quantized copy.
+
+Typical PTQ::
+
+    qmodel = convert(build_model(cfg).fuse(), cfg)       # cfg.quant drives the options
+    calibrate(qmodel, loader, num_batches=cfg.quant.calib_batches)
+    save_checkpoint({"model": qmodel.state_dict(), "quant_state": quant_state(qmodel)}, path)
+    # later: restore(build_model(cfg).fuse(), ckpt["quant_state"], ckpt["model"])
+"""
+from .calibrators import HistogramCalibrator, MaxCalibrator, make_calibrator
+from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, QuantStateError,
+                      activation_quantizers, all_quantizers, apply_shared_scales, calibrate,
+                      calibrate_weights, capture_layer_outputs, convert, disable_layers,
+                      enable_range_ema, is_quantized, layer_modules, layer_output_errors,
+                      quant_state, quantize_only, quantized_layers, resolve_settings, restore,
+                      set_quant_enabled, weight_quantizers)
+from .integer import integer_check, quantize_multiplier, requantize
+from .modules import QUANT_MODULES, QuantConv2d, QuantConvTranspose2d, QuantMaxPool2d
+from .tensor_quantizer import AMAX_EPS, QuantizerError, TensorQuantizer
+
+__all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramCalibrator",
+           "MaxCalibrator", "OUTPUT_LAYERS", "QUANT_MODULES", "QuantConv2d",
+           "QuantConvTranspose2d", "QuantMaxPool2d", "QuantStateError", "QuantizerError",
+           "TensorQuantizer", "activation_quantizers", "all_quantizers", "apply_shared_scales",
+           "calibrate", "calibrate_weights", "capture_layer_outputs", "convert",
+           "disable_layers", "enable_range_ema", "integer_check", "is_quantized",
+           "layer_modules", "layer_output_errors", "make_calibrator", "quant_state",
+           "quantize_multiplier", "quantize_only", "quantized_layers", "requantize",
+           "resolve_settings", "restore", "set_quant_enabled", "weight_quantizers"]

@@ -1,0 +1,393 @@
+"""QDQ ONNX export of a converted (fake-quant) model, plus graph checks.
+
+The legacy TorchScript exporter (``dynamo=False``) turns every enabled ``TensorQuantizer`` into a
+QuantizeLinear/DequantizeLinear pair (int8, or uint8 for unsigned / ``uint8_storage``
+quantizers; per-channel weights with ``axis`` 0, or 1 for ConvTranspose). What the graph looks
+like is decided by :func:`yolo_q.quant.convert` (the *flavour* is part of the quantized model):
+
+* ``tensorrt``: symmetric int8, zero point 0, Q/DQ in front of every quantized conv / pool
+  (explicit quantization), shared scales across Concat inputs; float biases.
+* ``onnxruntime``: Q/DQ after each conv(+ReLU) (uint8), so ONNX Runtime's graph optimizer fuses
+  DQ -> Conv -> Relu -> Q into QLinearConv; verify with :func:`ort_optimized_op_counts`.
+
+Skipped layers (``quant.skip_layers``) have no Q/DQ.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..quant.convert import FLAVOURS, all_quantizers, is_quantized, quant_state
+
+PathLike = Union[str, os.PathLike]
+MIN_OPSET = 13  # per-channel QuantizeLinear (axis) needs opset 13
+
+
+class QDQExportError(RuntimeError):
+    """The model cannot be exported as QDQ ONNX; the message says why."""
+
+
+def _check_model(model: nn.Module, flavour: Optional[str]) -> str:
+    if not is_quantized(model):
+        raise QDQExportError("export_qdq() needs a quantized model (yolo_q.quant.convert + "
+                             "calibrate); use yolo_q.export.onnx for float export")
+    state = quant_state(model)
+    if state["num_bits"] != 8:
+        raise QDQExportError(f"ONNX QuantizeLinear is 8-bit; the model uses {state['num_bits']} "
+                             "bits (fake-quant only)")
+    model_flavour = state["flavour"]
+    if flavour is not None and flavour != model_flavour:
+        if flavour not in FLAVOURS:
+            raise QDQExportError(f"export flavour '{flavour}' is not one of {FLAVOURS}")
+        raise QDQExportError(f"export flavour '{flavour}' does not match the model, which was "
+                             f"converted for '{model_flavour}' (the flavour changes the fake-quant "
+                             f"model: convert again with flavour='{flavour}' and re-calibrate)")
+    bad = [n for n, q in all_quantizers(model).items() if q.enabled and not q.is_calibrated]
+    if bad:
+        raise QDQExportError(f"{len(bad)} enabled quantizer(s) are not calibrated: "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return model_flavour
+
+
+def _torch_export(model, path, img_size, batch, opset, dynamic_batch, raw_outputs=True):
+    """Raw-output export (the float exporter expects the decoded (B, N, 5+nc) output)."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    device = next(model.parameters()).device
+    x = torch.zeros(batch, 3, h, w, device=device)
+    out_names = ["cls_logits", "reg"]
+    model = _RawOutputs(model)
+    dyn = {n: {0: "batch"} for n in ["images", *out_names]} if dynamic_batch else None
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x, str(tmp), opset_version=opset, input_names=["images"],
+                          output_names=out_names, dynamic_axes=dyn, do_constant_folding=True,
+                          dynamo=False)
+    os.replace(tmp, path)
+
+
+class _RawOutputs(nn.Module):
+    """Export wrapper: the head's raw (cls logits, reg) instead of decoded boxes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        head = self.model.detect
+        feats = self.model.forward_features(x)
+        mode = head.training
+        head.training = True  # the head's train-mode output: (feats, cls_logits, reg)
+        try:
+            _, cls, reg = head(feats)
+        finally:
+            head.training = mode
+        return cls, reg
+
+
+def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
+               img_size=640, batch: int = 1, opset: int = 13, dynamic_batch: bool = False,
+               simplify: bool = False, raw_outputs: bool = False, **export_kwargs) -> Path:
+    """Export a converted + calibrated model to QDQ ONNX at ``path``; returns the path.
+
+    ``flavour`` (tensorrt | onnxruntime) must match the flavour the model was converted with
+    (None: the model's). The graph is written by :func:`yolo_q.export.onnx.export_onnx` (input
+    ``images``, output ``outputs`` (B, N, 5+nc); ``export_kwargs`` such as ``end2end``, ``nms``,
+    ``conf_thres`` are passed on) with metadata ``quant_flavour``. ``raw_outputs=True`` instead
+    exports the head's raw maps ``cls_logits`` (B, N, nc) and ``reg`` (B, N, 4 or
+    4*(reg_max+1)), useful for parity checks.
+    """
+    flavour = _check_model(model, flavour)
+    if opset < MIN_OPSET:
+        raise QDQExportError(f"opset {opset} < {MIN_OPSET}: per-channel QuantizeLinear needs "
+                             f"opset >= {MIN_OPSET}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        if raw_outputs:
+            if export_kwargs:
+                raise TypeError(f"raw_outputs=True takes no {sorted(export_kwargs)}")
+            _torch_export(model, path, img_size, batch, opset, dynamic_batch)
+        else:
+            from .onnx import export_onnx
+
+            meta = dict(export_kwargs.pop("metadata", None) or {})
+            meta.setdefault("quant_flavour", flavour)
+            export_onnx(model, path, img_size=img_size, batch=batch, opset=opset,
+                        dynamic_batch=dynamic_batch, simplify=simplify, metadata=meta,
+                        **export_kwargs)
+    finally:
+        model.train(was_training)
+    _inline_identity_initializers(path)
+    if qdq_stats(path)["QuantizeLinear"] == 0 and any(
+            q.enabled for q in all_quantizers(model).values()):
+        raise QDQExportError(f"{path}: exported graph has no QuantizeLinear nodes")
+    return path
+
+
+def _inline_identity_initializers(path: Path) -> None:
+    """The exporter de-duplicates equal initializers (e.g. shared scales) through Identity
+    nodes; point their readers at the initializer itself so every Q/DQ scale and zero point is
+    a plain initializer (what TensorRT and ONNX Runtime's QDQ fusions look for)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    init = {i.name for i in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    alias = {n.output[0]: n.input[0] for n in proto.graph.node
+             if n.op_type == "Identity" and n.input[0] in init and n.output[0] not in outputs}
+    if not alias:
+        return
+    keep = [n for n in proto.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ graph checks
+def _load(model_or_path):
+    import onnx
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return onnx.load(str(model_or_path))
+    return model_or_path
+
+
+def _consts(model) -> Dict[str, "object"]:
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+        elif n.op_type == "Identity" and n.input[0] in out:
+            out[n.output[0]] = out[n.input[0]]
+    return out
+
+
+def qdq_stats(model_or_path) -> Dict[str, int]:
+    """Counts of QuantizeLinear / DequantizeLinear / Conv / ConvTranspose nodes."""
+    m = _load(model_or_path)
+    c = Counter(n.op_type for n in m.graph.node)
+    return {k: c.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear", "Conv", "ConvTranspose",
+                                     "Concat", "MaxPool")}
+
+
+def _scope(node_name: str) -> str:
+    """Module path from an exporter node name: '/backbone/ERBlock_2/ERBlock_2.0/rbr_reparam/Conv'
+    -> 'backbone.ERBlock_2.0.rbr_reparam' (a scope repeats its parent's name for
+    Sequential / ModuleList children)."""
+    parts = [p for p in node_name.split("/") if p][:-1]
+    out: List[str] = []
+    for i, p in enumerate(parts):
+        if i and p.startswith(parts[i - 1] + "."):
+            p = p[len(parts[i - 1]) + 1:]
+        out.append(p)
+    return ".".join(out)
+
+
+def conv_quantization(model_or_path) -> Dict[str, Dict[str, bool]]:
+    """For every Conv/ConvTranspose/MaxPool node, keyed by module path (from the exporter's
+    scope names): whether its input and its weight come from a DequantizeLinear."""
+    m = _load(model_or_path)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "MaxPool"):
+            continue
+        def from_dq(i):
+            p = producer.get(n.input[i]) if len(n.input) > i else None
+            return p is not None and p.op_type == "DequantizeLinear"
+        key = _scope(n.name) or n.name
+        out[key] = dict(input=from_dq(0), weight=from_dq(1) if n.op_type != "MaxPool" else False,
+                        op=n.op_type)
+    return out
+
+
+def concat_scales(model_or_path) -> List[Dict[str, object]]:
+    """For every Concat: the scales of all Q/DQ nodes that touch its inputs or output -
+    DequantizeLinear feeding an input (through MaxPool), QuantizeLinear reading an input or the
+    output (through MaxPool). With shared scales each list has one distinct value."""
+    m = _load(model_or_path)
+    consts = _consts(m)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    readers: Dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def scale(n):
+        return float(consts[n.input[1]].reshape(-1)[0]) if n.input[1] in consts else None
+
+    res = []
+    for n in m.graph.node:
+        if n.op_type != "Concat":
+            continue
+        scales, tensors = [], list(n.input) + [n.output[0]]
+        for t in list(tensors):  # follow max-pool chains both ways
+            p = producer.get(t)
+            while p is not None and p.op_type == "MaxPool":
+                t = p.input[0]
+                tensors.append(t)
+                p = producer.get(t)
+        for t in tensors:
+            p = producer.get(t)
+            if p is not None and p.op_type == "DequantizeLinear":
+                scales.append(scale(p))
+            for r in readers.get(t, []):
+                if r.op_type == "QuantizeLinear":
+                    scales.append(scale(r))
+        res.append(dict(name=n.name, scales=[s for s in scales if s is not None]))
+    return res
+
+
+def ort_optimized_op_counts(path: PathLike, level: str = "all") -> Counter:
+    """Op-type counts of the graph ONNX Runtime (CPU) actually runs after its optimizations
+    (QLinearConv etc. appear when the Q/DQ pattern was fused)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as d:
+        so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        m = onnx.load(so.optimized_model_filepath)
+    return Counter(n.op_type for n in m.graph.node)
+
+
+def _layer_tensors(proto, spec: dict):
+    """ONNX tensors of one quantized conv layer: (input name, input DQ node or None,
+    output name, output Q node or None)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    readers: Dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")
+             and _scope(n.name) == spec["name"]]
+    if len(convs) != 1:
+        return None
+    conv = convs[0]
+    dq = producer.get(conv.input[0])
+    dq = dq if dq is not None and dq.op_type == "DequantizeLinear" else None
+    in_name = dq.input[0] if dq is not None else conv.input[0]
+    out = conv.output[0]
+    users = readers.get(out, [])
+    if spec["act_type"] == "relu" and len(users) == 1 and users[0].op_type == "Relu":
+        out = users[0].output[0]
+    elif spec["act_type"] == "silu":
+        mul = [u for u in users if u.op_type == "Mul"]
+        if len(mul) == 1:
+            out = mul[0].output[0]
+    q = None
+    if spec["output"]:
+        qs = [u for u in readers.get(out, []) if u.op_type == "QuantizeLinear"]
+        q = qs[0] if len(qs) == 1 else None
+        if q is not None:
+            out = q.output[0]
+    return in_name, dq, out, q
+
+
+def layer_parity(model: nn.Module, path: PathLike, batch) -> Dict[str, Dict[str, float]]:
+    """Per quantized conv layer, does ONNX Runtime compute what the fake-quant layer computes?
+
+    Runs the exported graph once in ONNX Runtime (all CPU optimizations, so fused QLinearConv
+    kernels are what is tested) with every layer's input and output exposed (the quantized
+    codes where a Q/DQ pair is present, which keeps the fusions), feeds each layer's ONNX input
+    to the torch layer and compares the outputs in steps of the output grid (for float outputs:
+    ``max|y| / 127``). Returns ``{layer: {"max_steps", "frac_diff"}}``; layers whose tensors
+    could not be matched are left out. Local per layer, so it is not affected by how rounding
+    differences amplify through a deep network."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from ..quant.convert import _to_input, layer_modules
+
+    proto = onnx.load(str(path))
+    consts = _consts(proto)
+    layers = layer_modules(model)
+    plan, extra = {}, []
+    for spec in quant_state(model)["layers"]:
+        if spec["kind"] == "maxpool":
+            continue
+        t = _layer_tensors(proto, spec)
+        if t is None:
+            continue
+        plan[spec["name"]] = t
+        for name, node in ((t[0], t[1]), (t[2], t[3])):
+            if node is None:
+                elem = onnx.TensorProto.FLOAT
+            else:
+                zp = consts.get(node.input[2]) if len(node.input) > 2 else None
+                elem = onnx.TensorProto.UINT8 if zp is not None and zp.dtype == np.uint8 \
+                    else onnx.TensorProto.INT8
+            extra.append(helper.make_tensor_value_info(name, elem, None))
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend([e for e in {e.name: e for e in extra}.values()
+                               if e.name not in known])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = _to_input(batch, torch.device("cpu")).numpy()
+    names = [o.name for o in sess.get_outputs()]
+    inp = sess.get_inputs()[0]
+    b = inp.shape[0] if isinstance(inp.shape[0], int) else len(x)  # a static batch: chunks
+    runs = [sess.run(None, {inp.name: x[i:i + b]}) for i in range(0, len(x) - b + 1, b)]
+    if not runs:
+        raise ValueError(f"{path}: needs a batch of at least {b} images, got {len(x)}")
+    values = {n: np.concatenate([r[k] for r in runs]) for k, n in enumerate(names)}
+
+    def deq(name, node):
+        v = values[name]
+        if node is None:
+            return v.astype(np.float64), None
+        s = consts[node.input[1]].astype(np.float64)
+        zp = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 else 0.0
+        return (v.astype(np.float64) - zp) * s, float(s.reshape(-1)[0])
+
+    device = next(model.parameters()).device
+    result = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, (in_name, dq, out_name, q) in plan.items():
+                xin, _ = deq(in_name, dq)
+                y_ort, step = deq(out_name, q)
+                y = layers[name](torch.from_numpy(xin).float().to(device)).double().cpu().numpy()
+                if step is None:
+                    step = max(float(np.abs(y).max()) / 127.0, 1e-12)
+                d = np.abs(y - y_ort) / step
+                result[name] = dict(max_steps=float(d.max()), frac_diff=float((d > 0.5).mean()))
+    finally:
+        model.train(was_training)
+    return result
+
+
+__all__ = ["QDQExportError", "concat_scales", "conv_quantization", "export_qdq",
+           "layer_parity", "ort_optimized_op_counts", "qdq_stats"]
