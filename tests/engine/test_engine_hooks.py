@@ -181,8 +181,28 @@ def test_default_hooks_composition(tmp_path):
     names = lambda hs: [type(h).__name__ for h in hs]  # noqa: E731
     cfg = make_cfg(ema=True, tensorboard=True)
     assert names(default_hooks(cfg, lambda m: {}, tmp_path)) == [
-        "ProgressHook", "WarmupLRHook", "EMAHook", "EvalHook", "CheckpointHook", "TensorBoardHook"]
+        "ProgressHook", "WarmupLRHook", "EMAHook", "EvalHook", "CheckpointHook", "ResultsCSVHook",
+        "TensorBoardHook"]
     assert names(default_hooks(make_cfg(ema=False), None, None)) == ["ProgressHook", "WarmupLRHook"]
     with pytest.raises(TypeError, match="Hook"):
         make_trainer(cfg, [object()])
     assert isinstance(default_hooks(cfg)[0], Hook)
+
+
+def test_results_csv_rows_and_resume_append(tmp_path):
+    from types import SimpleNamespace
+
+    from yolo_q.engine.hooks import ResultsCSVHook, read_results_csv
+    hook = ResultsCSVHook(tmp_path / "results.csv")
+    tr = SimpleNamespace(is_main=True, epoch=0, epoch_losses={"cls": 1.5, "iou": 0.5}, lr=0.01,
+                         total_bad_steps=0, metrics={}, metrics_epoch=-1)
+    hook.trainer = tr
+    hook.before_epoch()
+    hook.after_epoch()
+    tr.epoch, tr.metrics, tr.metrics_epoch = 1, {"map50_95": 0.25, "map50": 0.5}, 1
+    ResultsCSVHook.__init__(hook, tmp_path / "results.csv")  # as after a resume: same file
+    hook.after_epoch()
+    rows = read_results_csv(tmp_path / "results.csv")
+    assert [r["epoch"] for r in rows] == [1.0, 2.0]
+    assert rows[0]["map50_95"] is None and rows[1]["map50_95"] == 0.25
+    assert rows[0]["cls"] == 1.5 and rows[1]["lr"] == 0.01

@@ -292,6 +292,52 @@ class TensorBoardHook(Hook):
             self.writer = None
 
 
+class ResultsCSVHook(Hook):
+    """Rank 0: one row per epoch in ``<path>`` (epoch, mean loss parts, lr, bad steps, seconds,
+    and the validation metrics of epochs that were evaluated). Appends on resume."""
+
+    FIELDS_METRICS = ("map50_95", "map50")
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.t0 = time.time()
+
+    def before_epoch(self) -> None:
+        self.t0 = time.time()
+
+    def after_epoch(self) -> None:
+        tr = self.trainer
+        if not tr.is_main:
+            return
+        row = {"epoch": tr.epoch + 1, **{k: round(float(v), 6) for k, v in tr.epoch_losses.items()},
+               "lr": round(tr.lr, 8), "bad_steps": tr.total_bad_steps,
+               "seconds": round(time.time() - self.t0, 2)}
+        evaluated = tr.metrics_epoch == tr.epoch
+        for k in self.FIELDS_METRICS:
+            row[k] = round(float(tr.metrics[k]), 6) if evaluated and k in tr.metrics else ""
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with open(self.path, encoding="utf-8") as f:
+                header = f.readline().strip().split(",")
+            if header != list(row):
+                new = True  # columns changed (e.g. an extra loss part): start a fresh header
+        with open(self.path, "w" if new else "a", encoding="utf-8") as f:
+            if new:
+                f.write(",".join(row) + "\n")
+            f.write(",".join(str(v) for v in row.values()) + "\n")
+
+
+def read_results_csv(path) -> List[Dict[str, Any]]:
+    """Rows of a :class:`ResultsCSVHook` file as dicts of floats (empty cells -> None)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().strip().split(",")
+        for line in f:
+            vals = line.strip().split(",")
+            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in zip(header, vals)})
+    return rows
+
+
 def format_seconds(s: float) -> str:
     s = int(max(s, 0))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -377,6 +423,7 @@ def default_hooks(cfg, evaluate_fn: Optional[EvaluateFn] = None, work_dir=None) 
         hooks.append(EvalHook(evaluate_fn, t.eval_interval, t.eval_final_epochs))
     if work_dir is not None:
         hooks.append(CheckpointHook(Path(work_dir) / "weights"))
+        hooks.append(ResultsCSVHook(Path(work_dir) / "results.csv"))
         if t.tensorboard:
             hooks.append(TensorBoardHook(Path(work_dir) / "tensorboard", t.log_interval))
     return hooks
