@@ -1,0 +1,77 @@
+"""tools/benchmark.py: `train` and `speed` end to end on a tiny model (timings are not asserted,
+only their bookkeeping), plus the round-robin timer and the random targets."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from yolo_q.benchmark import FLAGS_OF_INTEREST, random_targets, round_robin, summarize_times
+
+TINY = ["model.width_multiple=0.125", "model.depth_multiple=0.1", "model.nc=3"]
+
+
+def test_round_robin_rotates_and_summarize():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = round_robin(fns, iters=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up, then rounds starting at a rotating position
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t) == 3 for t in times.values())
+    s = summarize_times([0.4, 0.1, 0.3, 0.2], batch=8)
+    assert s["median_ms"] == pytest.approx(250.0)
+    assert s["p90_ms"] == pytest.approx(370.0)  # numpy linear interpolation: 0.3 + 0.7 * 0.1
+    assert s["img_per_s"] == pytest.approx(32.0) and s["iters"] == 4
+
+
+def test_random_targets_deterministic_and_inside():
+    t = random_targets(4, 320, nc=5, per_image=3, seed=1)
+    assert t.shape == (12, 6) and torch.equal(t, random_targets(4, 320, 5, 3, 1))
+    assert torch.equal(t[:, 0], torch.arange(4).repeat_interleave(3).float())
+    assert ((t[:, 1] >= 0) & (t[:, 1] < 5)).all()
+    assert (t[:, 2:4] >= 0).all() and (t[:, 4:6] <= 320).all()
+    assert ((t[:, 4:6] - t[:, 2:4]) >= 0.04 * 320 - 1e-4).all()
+
+
+def test_train_subcommand(repo_root, tmp_path):
+    out = tmp_path / "train.json"
+    r = subprocess.run([sys.executable, repo_root / "tools/benchmark.py", "train", *TINY,
+                        "--imgsz", "64", "--batch", "2", "--steps", "2", "--warmup", "1",
+                        "--json", out], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("CPU: ") and "yolo_q" in r.stdout
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert (row["batch"], row["img_size"], row["threads"], row["steps"]) == (2, 64, 2, 2)
+    assert row["img_per_s"] == pytest.approx(2 / row["s_per_step"])
+    assert row["speedup_vs_yolo_q"] == 1.0
+    assert set(res["cpu"]["flags"]) <= set(FLAGS_OF_INTEREST) and res["cpu"]["model"]
+    assert (subprocess.run([sys.executable, repo_root / "tools/benchmark.py", "train", "--help"],
+                           capture_output=True, timeout=120).returncode == 0)
+
+
+def test_speed_subcommand(repo_root, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_tool", repo_root / "tools/benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = ["torch_eager", "torch_fused", "ort_fp32", "ort_int8_onnxruntime", "ort_quantize_static"]
+    out = tmp_path / "speed.json"
+    assert tool.main(["speed", *TINY, "--imgsz", "64", "--batch", "1", "2", "--iters", "2",
+                      "--iters-large", "2", "--warmup", "1", "--calib-num", "4", "--rows", *rows,
+                      "--json", str(out), "--work-dir", str(tmp_path / "onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "ORT INT8 ours (onnxruntime flavour)" in text and "QLinearConv" in text
+    res = json.loads(out.read_text())
+    assert [(r["row"], r["batch"]) for r in res["rows"]] == [(n, b) for b in (1, 2) for n in rows]
+    for r in res["rows"]:
+        assert r["img_per_s"] == pytest.approx(r["batch"] * 1000 / r["median_ms"])
+        assert r["p90_ms"] >= r["median_ms"] and r["iters"] == 2
+        if r["row"] == "ort_fp32":
+            assert r["speedup_vs_ort_fp32"] == pytest.approx(1.0)
+    ours = next(r for r in res["rows"] if r["row"] == "ort_int8_onnxruntime")["ort_graph_ops"]
+    # ONNX Runtime fused our Q/DQ placement into integer convolutions
+    assert ours["QLinearConv"] > 2 * ours["Conv"]
+    for f in ("fp32.onnx", "int8_onnxruntime.onnx", "int8_quantize_static.onnx"):
+        assert (tmp_path / "onnx" / f).is_file()

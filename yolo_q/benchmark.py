@@ -1,0 +1,493 @@
+"""Speed measurements behind ``tools/benchmark.py`` (not part of the test suite's assertions).
+
+* :func:`speed_benchmark`: inference latency (median, p90) and throughput of torch FP32 eager
+  (unfused) and fused, ONNX Runtime FP32, ONNX Runtime INT8 of our QDQ flavours,
+  ``onnxruntime.quantization.quantize_static`` of the same float ONNX (QDQ, per-channel; the
+  reference row) and TensorRT when present, with speed-ups vs ONNX Runtime FP32.
+* :func:`train_benchmark`: images/s of one training step (forward + DetectionLoss + backward +
+  SGD step) on random images and random targets (seeded).
+
+Timings on a shared CPU drift; every measurement here runs the candidates round-robin
+(:func:`round_robin`, rotating the order each round) so that drift hits all of them alike, and
+ratios are only computed between rows of the same run. Denormals are flushed to zero.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
+           "randomize_weights", "random_targets", "make_train_step", "train_benchmark",
+           "speed_benchmark", "format_speed_table", "format_train_table"]
+
+FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+                     "amx_int8", "amx_bf16")
+
+
+# ------------------------------------------------------------------------------ environment
+def cpu_info() -> Dict[str, Any]:
+    """CPU model name (``lscpu``, else /proc/cpuinfo), the flags of interest that are present,
+    logical CPUs, load average and library versions."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "Model name":
+                model = val.strip()
+            elif key.strip() == "Flags":
+                flags = set(val.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not flags and Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = val.strip()
+            elif key.strip() == "flags":
+                flags = set(val.split())
+                break
+    versions = {"torch": torch.__version__}
+    try:
+        import onnxruntime
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"model": model, "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
+            "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in load] if load else None,
+            "versions": versions}
+
+
+def cpu_line(info: Optional[Dict[str, Any]] = None) -> str:
+    """One line: CPU model, CPU count, flags of interest, load average, library versions."""
+    info = info or cpu_info()
+    flags = " ".join(info["flags"]) or "none of " + ",".join(FLAGS_OF_INTEREST)
+    load = f", load avg {info['loadavg'][0]:.2f}" if info.get("loadavg") else ""
+    vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    return f"CPU: {info['model']} ({info['cpus']} CPUs; flags: {flags}{load}; {vers})"
+
+
+# ------------------------------------------------------------------------------ timing
+def round_robin(fns: Dict[str, Callable[[], Any]], iters: int, warmup: int = 1,
+                sync: Optional[Dict[str, Callable[[], Any]]] = None
+                ) -> Dict[str, List[float]]:
+    """Time each callable ``iters`` times, interleaved: round ``i`` runs all of them, starting
+    at a rotating position. ``warmup`` untimed calls each first. ``sync[name]`` (e.g. CUDA
+    synchronize) is called before stopping that clock. Returns seconds per call."""
+    names = list(fns)
+    for n in names:
+        for _ in range(warmup):
+            fns[n]()
+        if sync and n in sync:
+            sync[n]()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for i in range(iters):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            if sync and n in sync:
+                sync[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def summarize_times(seconds: Sequence[float], batch: int) -> Dict[str, float]:
+    """Median / p90 latency (ms) and throughput (images/s at the median)."""
+    a = np.asarray(seconds, dtype=np.float64)
+    med = float(np.median(a))
+    return {"median_ms": 1000 * med, "p90_ms": 1000 * float(np.percentile(a, 90)),
+            "min_ms": 1000 * float(a.min()), "img_per_s": batch / med, "iters": int(a.size)}
+
+
+# ------------------------------------------------------------------------------ models/data
+@torch.no_grad()
+def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights, biases and BN statistics (in place), scaled to keep activations O(1).
+    A fresh model's identical zero biases are merged into one shared initializer by the ONNX
+    exporter, which then cannot be quantized per layer: benchmark exports need this (or
+    trained weights)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.weight.requires_grad:
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+            if m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+def random_images(batch: int, img_size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random uint8 images (B, 3, S, S): low-frequency patterns plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, max(1, img_size // 16), max(1, img_size // 16), generator=g)
+    x = torch.nn.functional.interpolate(low, size=(img_size, img_size), mode="bilinear",
+                                        align_corners=False)
+    x = (0.85 * x + 0.15 * torch.rand(batch, 3, img_size, img_size, generator=g)).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8)
+
+
+def random_targets(batch: int, img_size: int, nc: int, per_image: int = 8, seed: int = 0
+                   ) -> torch.Tensor:
+    """Deterministic random targets ``(batch*per_image, 6)`` = [batch_idx, cls, x1, y1, x2, y2]
+    in pixels; box sides 4..50% of the image, fully inside it."""
+    g = torch.Generator().manual_seed(seed)
+    n = batch * per_image
+    wh = (torch.rand(n, 2, generator=g) * 0.46 + 0.04) * img_size
+    xy = torch.rand(n, 2, generator=g) * (img_size - wh)
+    cls = torch.randint(0, nc, (n, 1), generator=g).float()
+    bidx = torch.arange(batch).repeat_interleave(per_image).float()[:, None]
+    return torch.cat((bidx, cls, xy, xy + wh), 1)
+
+
+# ------------------------------------------------------------------------------ training step
+def make_train_step(cfg, batch: int = 8, img_size: int = 320, seed: int = 0,
+                    per_image: int = 8) -> Tuple[Callable[[], float], torch.nn.Module]:
+    """One closure = one training step of ``build_model(cfg)`` (train mode) on fixed random
+    images and targets: forward, ``DetectionLoss``, backward, SGD/AdamW step (the configured
+    optimizer and parameter groups), zero grads. Returns ``(step, model)``; ``step()`` returns
+    the loss."""
+    from .engine.train import build_optimizer_for
+    from .losses import DetectionLoss
+    from .models import build_model
+
+    torch.manual_seed(seed)
+    cfg = copy.deepcopy(cfg)
+    cfg.train.batch_size = int(batch)
+    cfg.train.nominal_batch = int(batch)  # one optimizer step per training step
+    model = build_model(cfg).train()
+    optimizer = build_optimizer_for(model, cfg, reinit=True)
+    loss_fn = DetectionLoss.from_config(cfg)
+    imgs = random_images(batch, img_size, seed).float() / 255.0
+    targets = random_targets(batch, img_size, int(cfg.model.nc), per_image, seed)
+
+    def step() -> float:
+        out = model(imgs)
+        loss, _ = loss_fn(out, targets, 10)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, model
+
+
+def train_benchmark(cfg, batch: int = 8, img_size: int = 320, threads: int = 2,
+                    warmup: int = 3, steps: int = 10, seed: int = 0,
+                    extra: Optional[Dict[str, Callable[[], Any]]] = None) -> Dict[str, Any]:
+    """Median seconds per training step and images/s (see :func:`make_train_step`) after
+    ``warmup`` steps; ``extra`` callables (e.g. another implementation's step) are timed
+    round-robin with ours. Returns ``{"rows": [...], "cpu": ..., "settings": ...}``."""
+    if img_size % 32:
+        raise ValueError(f"--imgsz {img_size} must be a multiple of 32")
+    torch.set_num_threads(int(threads))
+    prev = torch.set_flush_denormal(True)
+    try:
+        step, _ = make_train_step(cfg, batch, img_size, seed)
+        fns = {"yolo_q": step, **(extra or {})}
+        times = round_robin(fns, steps, warmup)
+    finally:
+        if not prev:
+            torch.set_flush_denormal(False)
+    rows = []
+    for name, t in times.items():
+        s = summarize_times(t, batch)
+        rows.append({"impl": name, "model": str(cfg.model.name), "batch": batch,
+                     "img_size": img_size, "threads": threads,
+                     "s_per_step": s["median_ms"] / 1000, "p90_s": s["p90_ms"] / 1000,
+                     "img_per_s": s["img_per_s"], "steps": s["iters"]})
+    base = rows[0]["s_per_step"]
+    for r in rows:
+        r["speedup_vs_yolo_q"] = base / r["s_per_step"]
+    return {"rows": rows, "cpu": cpu_info(),
+            "settings": dict(batch=batch, img_size=img_size, threads=threads, warmup=warmup,
+                             steps=steps, seed=seed)}
+
+
+def format_train_table(res: Dict[str, Any]) -> str:
+    """The rows of :func:`train_benchmark` as fixed-width text under the CPU line."""
+    lines = [cpu_line(res["cpu"]),
+             f"{'impl':<12}{'model':<10}{'batch':>6}{'imgsz':>7}{'thr':>5}{'s/step':>9}"
+             f"{'p90 s':>8}{'img/s':>8}{'vs yolo_q':>11}"]
+    for r in res["rows"]:
+        lines.append(f"{r['impl']:<12}{r['model']:<10}{r['batch']:>6}{r['img_size']:>7}"
+                     f"{r['threads']:>5}{r['s_per_step']:>9.3f}{r['p90_s']:>8.3f}"
+                     f"{r['img_per_s']:>8.2f}{r['speedup_vs_yolo_q']:>10.2f}x")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ inference
+def _ort_session(path, threads: int, spin: bool = False):
+    """A CPU session with ``threads`` intra-op threads. ``spin=False`` stops ORT's idle
+    threads from busy-waiting after each run, which would steal the cores from the torch rows
+    that run next in the round-robin (and from other processes on a shared machine)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _quantize_static(fp32_onnx: Path, out: Path, calib: Sequence[np.ndarray]) -> Path:
+    """``onnxruntime.quantization.quantize_static``: QDQ format, per-channel weights, its
+    default int8 types, calibrated (MinMax) on ``calib`` (float arrays (B, 3, H, W))."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"images": x}
+
+    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True)
+    return out
+
+
+def _trt_available() -> Optional[str]:
+    """None when TensorRT + CUDA can run here, else why not (one line)."""
+    try:
+        from .eval.backends import load_deploy_trt
+        load_deploy_trt().require_tensorrt()
+        return None
+    except Exception as e:  # noqa: BLE001
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+ROW_LABELS = {
+    "torch_eager": "torch FP32 eager (unfused)",
+    "torch_fused": "torch FP32 fused",
+    "ort_fp32": "ORT FP32",
+    "ort_int8_onnxruntime": "ORT INT8 ours (onnxruntime flavour)",
+    "ort_int8_tensorrt": "ORT INT8 ours (tensorrt flavour)",
+    "ort_quantize_static": "ORT INT8 quantize_static (reference)",
+    "trt_fp16": "TensorRT FP16",
+    "trt_int8": "TensorRT INT8 (tensorrt flavour)",
+}
+DEFAULT_ROWS = tuple(ROW_LABELS)
+
+
+def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_size: int = 640,
+                    batches: Sequence[int] = (1, 32), threads: int = 2, warmup: int = 3,
+                    iters: int = 20, iters_large: int = 5, rows: Sequence[str] = DEFAULT_ROWS,
+                    calib=None, calib_num: int = 16, calib_method: str = "max",
+                    work_dir=None, seed: int = 0, ort_spin: bool = False,
+                    log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Latency/throughput table (see the module docstring).
+
+    ``weights``: float checkpoint (None: ``build_model(cfg)`` with :func:`randomize_weights`).
+    ``quant_weights``: quantized checkpoints (PTQ/QAT) used for the INT8 rows of their flavour;
+    a flavour without one is converted from the float model and calibrated (``calib_method``)
+    on ``calib`` (an image folder/glob/list, or None for random images, ``calib_num`` images).
+    The ``quantize_static`` row uses the same calibration images. ``rows``: subset of
+    :data:`DEFAULT_ROWS`. ``iters`` timed rounds at batch 1, ``iters_large`` at larger batches.
+    ONNX files are exported with a dynamic batch into ``work_dir`` (default: a temp dir).
+    ``ort_spin``: let ORT's idle threads busy-wait (its default; off here, see
+    :func:`_ort_session`).
+    """
+    import yolo_q
+    from .engine.checkpoint import read_checkpoint_any
+    from .export.api import load_checkpoint_model, quick_ptq
+    from .export.onnx import export_onnx, shared_initializers
+    from .export.qdq import export_qdq, ort_optimized_op_counts
+    from .models import build_model
+    from .quant import quant_state
+
+    unknown = [r for r in rows if r not in ROW_LABELS]
+    if unknown:
+        raise ValueError(f"unknown benchmark row(s) {unknown}; choose from {', '.join(ROW_LABELS)}")
+    if img_size % 32:
+        raise ValueError(f"--imgsz {img_size} must be a multiple of 32")
+    torch.set_num_threads(int(threads))
+    prev_denormal = torch.set_flush_denormal(True)
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="yolo_q_bench_")
+        work_dir = tmp.name
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    notes: List[str] = []
+    try:
+        # ---- models
+        if weights:
+            model, has_quant = load_checkpoint_model(weights, cfg)
+            if has_quant:
+                raise ValueError(f"{weights}: a quantized checkpoint; pass it as --quant-weights "
+                                 f"(--weights is the float model)")
+            cfg = getattr(model, "yolo_q_config", cfg)
+            source = str(weights)
+        else:
+            model = randomize_weights(build_model(cfg), seed).eval()
+            source = "random weights (randomize_weights)"
+        eager = model.eval()
+        fused = copy.deepcopy(eager).fuse().eval()
+        qmodels: Dict[str, torch.nn.Module] = {}
+        for qw in quant_weights:
+            if not read_checkpoint_any(qw).get("quant"):
+                raise ValueError(f"{qw}: not a quantized checkpoint (no 'quant' entry)")
+            qm = yolo_q.load_model(qw)
+            qmodels[quant_state(qm)["flavour"]] = qm
+            notes.append(f"INT8 {quant_state(qm)['flavour']} flavour from {qw}")
+        # ---- calibration images (also for quantize_static)
+        if calib is not None:
+            from .eval.infer import image_batches
+            calib_batches = list(image_batches(calib, img_size, 4, limit=calib_num))
+            calib_src = str(calib)
+        else:
+            calib_batches = [random_images(min(4, calib_num - i), img_size, seed + 100 + i)
+                             for i in range(0, calib_num, 4)]
+            calib_src = "random images"
+        # ---- ONNX files
+        onnx_files: Dict[str, Path] = {}
+        need_onnx = [r for r in rows if r.startswith(("ort_", "trt_"))]
+        if need_onnx:
+            log("exporting float ONNX ...")
+            onnx_files["ort_fp32"] = export_onnx(fused, work / "fp32.onnx", img_size=img_size,
+                                                 dynamic_batch=True, simplify=False)
+            shared = shared_initializers(onnx_files["ort_fp32"])
+            if shared:
+                notes.append(f"float ONNX shares {len(shared)} conv initializers (identical "
+                             f"weights/biases, e.g. an untrained model): quantize_static cannot "
+                             f"quantize those per layer")
+        for flavour in ("onnxruntime", "tensorrt"):
+            key = f"ort_int8_{flavour}"
+            if key not in rows and not (flavour == "tensorrt" and "trt_int8" in rows):
+                continue
+            qm = qmodels.get(flavour)
+            if qm is None:
+                log(f"quick PTQ ({calib_method}, {calib_src}) for the {flavour} flavour ...")
+                qm = quick_ptq(fused, cfg, flavour, calib_batches, method=calib_method)
+                notes.append(f"INT8 {flavour} flavour: quick PTQ ({calib_method} calibration on "
+                             f"{len(calib_batches)} batches of {calib_src})")
+            onnx_files[key] = export_qdq(qm, work / f"int8_{flavour}.onnx", flavour=flavour,
+                                         img_size=img_size, dynamic_batch=True)
+        if "ort_quantize_static" in rows:
+            log("onnxruntime.quantization.quantize_static ...")
+            onnx_files["ort_quantize_static"] = _quantize_static(
+                onnx_files["ort_fp32"], work / "int8_quantize_static.onnx",
+                [(b.float() / 255).numpy() for b in calib_batches])
+        graph_ops = {}
+        for key, path in onnx_files.items():
+            if key.startswith("ort_int8") or key == "ort_quantize_static":
+                c = ort_optimized_op_counts(path)
+                graph_ops[key] = {k: int(c.get(k, 0)) for k in
+                                  ("QLinearConv", "Conv", "QuantizeLinear", "DequantizeLinear",
+                                   "QLinearConcat", "QLinearAdd", "MaxPool")}
+        trt_why = _trt_available() if any(r.startswith("trt_") for r in rows) else None
+        if trt_why:
+            notes.append(f"TensorRT rows skipped: {trt_why}")
+        # ---- callables
+        sessions = {k: _ort_session(p, threads, ort_spin) for k, p in onnx_files.items() if k in rows}
+        trt = {}
+        if not trt_why:
+            from .eval.backends import TrtBackend
+            if "trt_fp16" in rows:
+                trt["trt_fp16"] = TrtBackend(onnx_files["ort_fp32"], fp16=True,
+                                             max_batch=max(batches))
+            if "trt_int8" in rows:
+                trt["trt_int8"] = TrtBackend(onnx_files["ort_int8_tensorrt"], fp16=True,
+                                             int8=True, max_batch=max(batches))
+        results = []
+        for b in batches:
+            x_t = random_images(b, img_size, seed + b).float() / 255.0
+            x_np = x_t.numpy()
+            fns: Dict[str, Callable[[], Any]] = {}
+            sync: Dict[str, Callable[[], Any]] = {}
+            for r in rows:
+                if r == "torch_eager":
+                    fns[r] = lambda m=eager: _torch_run(m, x_t)
+                elif r == "torch_fused":
+                    fns[r] = lambda m=fused: _torch_run(m, x_t)
+                elif r in sessions:
+                    s = sessions[r]
+                    name = s.get_inputs()[0].name
+                    fns[r] = lambda s=s, name=name: s.run(None, {name: x_np})
+                elif r in trt:
+                    xg = x_t.to(trt[r].device)
+                    fns[r] = lambda e=trt[r], xg=xg: e(xg)
+                    sync[r] = trt[r].synchronize
+            n = iters if b == 1 else iters_large
+            log(f"batch {b}: {len(fns)} backends x {n} rounds (round-robin) ...")
+            times = round_robin(fns, n, warmup if b == 1 else min(warmup, 1), sync)
+            base = times.get("ort_fp32")
+            base_med = float(np.median(base)) if base else None
+            for r, t in times.items():
+                s = summarize_times(t, b)
+                row = {"row": r, "label": ROW_LABELS[r], "batch": b, "img_size": img_size,
+                       "threads": threads, **s,
+                       "speedup_vs_ort_fp32": (base_med / (s["median_ms"] / 1000)
+                                               if base_med else None)}
+                if r in graph_ops:
+                    row["ort_graph_ops"] = graph_ops[r]
+                results.append(row)
+        return {"rows": results, "cpu": cpu_info(), "notes": notes,
+                "settings": dict(model=str(cfg.model.name), weights=source, img_size=img_size,
+                                 batches=list(batches), threads=threads, warmup=warmup,
+                                 iters=iters, iters_large=iters_large, calib=calib_src,
+                                 calib_method=calib_method, ort_spin=ort_spin),
+                "onnx": {k: str(v) for k, v in onnx_files.items()} if tmp is None else {}}
+    finally:
+        if not prev_denormal:
+            torch.set_flush_denormal(False)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+@torch.inference_mode()
+def _torch_run(model, x):
+    return model(x)
+
+
+def format_speed_table(res: Dict[str, Any]) -> str:
+    """The speed table as fixed-width text, with the CPU line, what ONNX Runtime made of each
+    INT8 graph, and the notes (see :func:`format_speed_markdown` for a markdown table)."""
+    s = res["settings"]
+    lines = [cpu_line(res["cpu"]),
+             f"model {s['model']} ({s['weights']}), {s['img_size']} px, {s['threads']} threads",
+             f"{'backend':<40}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'img/s':>9}"
+             f"{'vs ORT FP32':>13}"]
+    for r in res["rows"]:
+        sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
+        lines.append(f"{r['label']:<40}{r['batch']:>6}{r['median_ms']:>11.1f}{r['p90_ms']:>9.1f}"
+                     f"{r['img_per_s']:>9.2f}{sp:>13}")
+    for r in res["rows"]:
+        if r.get("ort_graph_ops") and r["batch"] == res["rows"][0]["batch"]:
+            ops = r["ort_graph_ops"]
+            lines.append(f"  {r['label']}: ORT-optimized graph has {ops['QLinearConv']} "
+                         f"QLinearConv, {ops['Conv']} float Conv, {ops['QuantizeLinear']} Q, "
+                         f"{ops['DequantizeLinear']} DQ")
+    lines += [f"note: {n}" for n in res.get("notes", [])]
+    return "\n".join(lines)
+
+
+def format_speed_markdown(res: Dict[str, Any]) -> str:
+    """The rows of :func:`speed_benchmark` as a markdown table."""
+    lines = ["| backend | batch | median ms | p90 ms | img/s | vs ORT FP32 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
+        lines.append(f"| {r['label']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
+                     f"| {r['img_per_s']:.2f} | {sp} |")
+    return "\n".join(lines)

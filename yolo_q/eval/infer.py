@@ -1,0 +1,277 @@
+"""Inference on images, folders and videos with any backend (``tools/infer.py``).
+
+The pipeline is the evaluation's: :func:`yolo_q.data.letterbox` -> backend -> the shared
+:func:`~yolo_q.eval.postprocess` (or an end-to-end graph's NMS outputs) ->
+:func:`~yolo_q.eval.scale_boxes` back to original pixels. Outputs: the images (or the video) with
+boxes drawn, and ``detections.json``::
+
+    [{"file": "img.jpg", "frame": null, "width": 640, "height": 480,
+      "detections": [{"box": [x1, y1, x2, y2], "score": 0.91, "class": 3, "name": "car"}]}]
+
+(``frame`` is the frame index for videos.)
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .backends import Backend, build_backend
+from .postprocess import e2e_to_detections, postprocess, scale_boxes
+
+__all__ = ["IMAGE_EXTS", "VIDEO_EXTS", "list_images", "letterbox_batch", "image_batches",
+           "detect", "draw_detections", "class_names", "run_inference"]
+
+logger = logging.getLogger(__name__)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
+PathLike = Union[str, os.PathLike]
+
+
+def list_images(source: PathLike) -> List[Path]:
+    """Image files of ``source``: one image, a folder (sorted, not recursive), a ``.txt`` list
+    (one path per line, relative to the list's folder) or a glob pattern."""
+    s = str(source)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+    elif p.is_file() and p.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        files = [(p.parent / ln) if not Path(ln).is_absolute() else Path(ln) for ln in lines]
+    elif p.is_file():
+        files = [p]
+    elif any(c in s for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(s) if Path(f).suffix.lower() in IMAGE_EXTS)
+    else:
+        raise FileNotFoundError(f"{s}: no such image, folder, list or video")
+    if not files:
+        raise FileNotFoundError(f"{s}: no images found (extensions {', '.join(IMAGE_EXTS)})")
+    return files
+
+
+def _read(path: PathLike) -> np.ndarray:
+    from ..data.dataset import imread
+    img = imread(str(path))
+    if img is None or not img.size:
+        raise ValueError(f"{path}: cannot read the image")
+    return img
+
+
+def letterbox_batch(imgs_bgr: Sequence[np.ndarray], img_size: int):
+    """BGR uint8 images -> (uint8 tensor (B, 3, S, S) RGB, shapes) with the data loader's
+    letterbox; ``shapes`` as in the batch contract (for :func:`scale_boxes`)."""
+    from ..data import letterbox
+    arrs, shapes = [], []
+    for img in imgs_bgr:
+        lb, ratio, pad = letterbox(img, img_size)
+        arrs.append(np.ascontiguousarray(lb[:, :, ::-1].transpose(2, 0, 1)))
+        shapes.append((tuple(img.shape[:2]), (tuple(ratio), tuple(pad))))
+    return torch.from_numpy(np.stack(arrs)), shapes
+
+
+def image_batches(source: PathLike, img_size: int, batch_size: int = 8,
+                  limit: Optional[int] = None) -> Iterator[torch.Tensor]:
+    """Letterboxed uint8 batches (B, 3, S, S) of the images in ``source`` (at most ``limit``
+    images), e.g. for a quick calibration; unreadable images are skipped with a warning."""
+    files = list_images(source)[:limit] if limit else list_images(source)
+    buf: List[np.ndarray] = []
+    for f in files:
+        try:
+            buf.append(_read(f))
+        except ValueError as e:
+            logger.warning("skipping %s", e)
+            continue
+        if len(buf) == batch_size:
+            yield letterbox_batch(buf, img_size)[0]
+            buf = []
+    if buf:
+        yield letterbox_batch(buf, img_size)[0]
+
+
+@torch.no_grad()
+def detect(backend: Backend, imgs_bgr: Sequence[np.ndarray], img_size: int,
+           conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int = 300,
+           classes: Optional[Sequence[int]] = None, agnostic: bool = False) -> List[torch.Tensor]:
+    """Detections ``(n, 6)`` [x1, y1, x2, y2, score, cls] in original pixels, one per image."""
+    x, shapes = letterbox_batch(imgs_bgr, img_size)
+    x = x.to(backend.device).float().div_(255.0)
+    out = backend(x)
+    if backend.end2end:
+        dets = e2e_to_detections(*out)
+        if classes is not None:
+            keep = torch.as_tensor(list(classes))
+            dets = [d[torch.isin(d[:, 5].long(), keep)] for d in dets]
+        dets = [d[d[:, 4] > conf_thres][:max_det] for d in dets]
+    else:
+        dets = postprocess(out, conf_thres, iou_thres, max_det, classes=classes,
+                           agnostic=agnostic)
+    return [scale_boxes(d.detach().cpu(), s) for d, s in zip(dets, shapes)]
+
+
+def _color(c: int) -> Tuple[int, int, int]:
+    """A distinct BGR colour per class (golden-ratio hue walk)."""
+    import cv2
+    hsv = np.uint8([[[int((c * 0.618034 % 1.0) * 179), 200, 255]]])
+    b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return int(b), int(g), int(r)
+
+
+def draw_detections(img: np.ndarray, det: torch.Tensor, names: Sequence[str]) -> np.ndarray:
+    """Draw boxes and ``name score`` labels on a copy of a BGR image."""
+    import cv2
+    out = img.copy()
+    lw = max(1, round(sum(img.shape[:2]) / 2 * 0.003))
+    for x1, y1, x2, y2, score, cls in det.tolist():
+        c = int(cls)
+        color = _color(c)
+        p1, p2 = (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2)))
+        cv2.rectangle(out, p1, p2, color, lw, cv2.LINE_AA)
+        label = f"{names[c] if 0 <= c < len(names) else c} {score:.2f}"
+        fs = max(0.3, lw / 3)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fs, max(1, lw // 2))
+        top = p1[1] - th - base if p1[1] - th - base >= 0 else p1[1]
+        cv2.rectangle(out, (p1[0], top), (p1[0] + tw, top + th + base), color, -1)
+        cv2.putText(out, label, (p1[0], top + th), cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255),
+                    max(1, lw // 2), cv2.LINE_AA)
+    return out
+
+
+def class_names(cfg=None, backend: Optional[Backend] = None, nc: Optional[int] = None
+                ) -> List[str]:
+    """Class names from the ONNX metadata (``names``, written by :func:`yolo_q.export.api.
+    export_model`), else the config's data YAML (when it has ``model.nc`` names), else
+    ``class0..``."""
+    session = getattr(backend, "session", None)
+    if session is not None:
+        meta = session.get_modelmeta().custom_metadata_map
+        if meta.get("names"):
+            try:
+                return [str(n) for n in json.loads(meta["names"])]
+            except ValueError:
+                pass
+    if cfg is not None:
+        try:
+            from ..data.formats import load_data_yaml
+            from ..data.loader import resolve_data_yaml
+            names = load_data_yaml(resolve_data_yaml(cfg.data.dataset), check=False)["names"]
+            names = [str(names[k]) for k in sorted(names, key=int)] if isinstance(names, dict) \
+                else [str(n) for n in names]
+            if len(names) == int(cfg.model.nc):  # else the YAML is not this model's
+                return names
+        except Exception:  # noqa: BLE001  (no or broken data YAML: names are optional here)
+            pass
+        nc = nc or int(cfg.model.nc)
+    return [f"class{i}" for i in range(nc or 80)]
+
+
+def _records(det: torch.Tensor, names: Sequence[str]) -> List[Dict[str, Any]]:
+    return [{"box": [round(v, 2) for v in row[:4]], "score": round(row[4], 5),
+             "class": int(row[5]),
+             "name": names[int(row[5])] if 0 <= int(row[5]) < len(names) else str(int(row[5]))}
+            for row in det.tolist()]
+
+
+def _video_frames(path: Path):
+    import cv2
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError(f"{path}: cannot open the video")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    try:
+        i = 0
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            yield i, frame, fps
+            i += 1
+    finally:
+        cap.release()
+
+
+def run_inference(cfg, backend: str, model_source, source: PathLike, out_dir: PathLike,
+                  img_size: Optional[int] = None, conf_thres: float = 0.25,
+                  iou_thres: float = 0.45, max_det: int = 300, batch_size: int = 1,
+                  classes: Optional[Sequence[int]] = None, save_images: bool = True,
+                  max_frames: Optional[int] = None, **backend_kwargs) -> Dict[str, Any]:
+    """Detect objects in ``source`` (image, folder, ``.txt`` list, glob or video) with
+    ``backend`` (torch | onnxruntime | tensorrt; ``model_source`` a checkpoint/model, ONNX or
+    engine) and write the drawn images (or ``<video stem>.mp4``) plus ``detections.json`` to
+    ``out_dir``. Returns ``{"json", "images", "detections", "out_dir", "names"}``."""
+    import cv2
+    kw = dict(backend_kwargs)
+    if backend == "torch" and isinstance(model_source, (str, os.PathLike)):
+        # the checkpoint's own config (inferred for official ones); cfg for a plain state dict
+        from ..engine.checkpoint import read_checkpoint_any
+        ck = read_checkpoint_any(model_source)
+        if ck.get("config") is None and ck.get("source") != "official":
+            kw.setdefault("cfg", cfg)
+    engine = build_backend(backend, model_source, **kw)
+    if img_size is None:
+        img_size = engine.input_hw[0] if engine.input_hw else int(cfg.data.img_size)
+    if engine.input_hw and engine.input_hw[0] != engine.input_hw[1]:
+        raise ValueError(f"{model_source}: a non-square input {engine.input_hw} is not supported "
+                         f"by the letterbox; export a square model")
+    stride = 32
+    if img_size % stride:
+        raise ValueError(f"--imgsz {img_size} must be a multiple of {stride}")
+    names = class_names(cfg, engine)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(str(source)).expanduser()
+    results: List[Dict[str, Any]] = []
+    args = dict(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes)
+    n_det = 0
+    if src.is_file() and src.suffix.lower() in VIDEO_EXTS:
+        writer = None
+        try:
+            for i, frame, fps in _video_frames(src):
+                if max_frames is not None and i >= max_frames:
+                    break
+                det = detect(engine, [frame], img_size, **args)[0]
+                n_det += len(det)
+                results.append({"file": str(src), "frame": i, "width": frame.shape[1],
+                                "height": frame.shape[0], "detections": _records(det, names)})
+                if save_images:
+                    if writer is None:
+                        vpath = out / f"{src.stem}.mp4"
+                        writer = cv2.VideoWriter(str(vpath), cv2.VideoWriter_fourcc(*"mp4v"),
+                                                 fps, (frame.shape[1], frame.shape[0]))
+                    writer.write(draw_detections(frame, det, names))
+        finally:
+            if writer is not None:
+                writer.release()
+        if not results:
+            raise ValueError(f"{src}: the video has no readable frames")
+    else:
+        files = list_images(source)
+        used: set = set()
+        for s in range(0, len(files), batch_size):
+            chunk, imgs = [], []
+            for f in files[s:s + batch_size]:
+                try:
+                    imgs.append(_read(f))
+                    chunk.append(f)
+                except ValueError as e:
+                    logger.warning("skipping %s", e)
+            if not imgs:
+                continue
+            dets = detect(engine, imgs, img_size, **args)
+            for f, img, det in zip(chunk, imgs, dets):
+                n_det += len(det)
+                results.append({"file": str(f), "frame": None, "width": img.shape[1],
+                                "height": img.shape[0], "detections": _records(det, names)})
+                if save_images:
+                    name = f.name if f.name not in used else f"{len(used)}_{f.name}"
+                    used.add(name)
+                    cv2.imwrite(str(out / name), draw_detections(img, det, names))
+    json_path = out / "detections.json"
+    json_path.write_text(json.dumps(results, indent=1))
+    return {"json": str(json_path), "images": len(results), "detections": n_det,
+            "out_dir": str(out), "names": names}

@@ -1,0 +1,154 @@
+"""``export_model``: one call behind ``tools/export.py``.
+
+* float checkpoint, ``flavour=float`` -> float ONNX of the fused (deploy-form) model;
+* quantized checkpoint (PTQ/QAT: has a ``quant`` entry) -> QDQ ONNX of the flavour it was
+  converted for (``tensorrt`` | ``onnxruntime``; asking for the other flavour is an error, since
+  the flavour changes the fake-quant model). Layers kept float (``quant.skip_layers``, the DFL
+  conv) have no Q/DQ. ``flavour=float`` exports the same weights without quantization;
+* float checkpoint with a QDQ flavour: an error pointing at ``tools/ptq.py`` unless
+  ``calib_images`` is given, in which case a quick PTQ runs first (convert with ``cfg.quant``,
+  max calibration on those images by default; no sensitivity analysis, no partial quantization
+  beyond ``quant.skip_layers``). Use ``tools/ptq.py`` for a real PTQ.
+
+``flavour=None`` follows the checkpoint: its quant flavour, else float.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+
+__all__ = ["EXPORT_FLAVOURS", "ExportError", "default_output", "load_checkpoint_model",
+           "quick_ptq", "export_model"]
+
+EXPORT_FLAVOURS = ("float", "tensorrt", "onnxruntime")
+
+
+class ExportError(ValueError):
+    """The requested export is not possible as asked; the message says what to do."""
+
+
+def default_output(weights, flavour: str, img_size: int) -> Path:
+    """``<weights dir>/<stem>[_int8_<flavour>]_<imgsz>.onnx``."""
+    w = Path(weights)
+    tag = "" if flavour == "float" else f"_int8_{flavour}"
+    return w.with_name(f"{w.stem}{tag}_{img_size}.onnx")
+
+
+def load_checkpoint_model(weights, cfg):
+    """``(model, has_quant)`` for a checkpoint path. The model is built from the config stored
+    in the checkpoint (inferred for official YOLOv6 checkpoints), like ``tools/eval.py``; ``cfg``
+    only for a plain state dict, which has neither."""
+    import yolo_q
+    from ..engine.checkpoint import read_checkpoint_any
+    ck = read_checkpoint_any(weights)
+    own = ck.get("config") is not None or ck.get("source") == "official"
+    return yolo_q.load_model(weights, cfg=None if own else cfg), bool(ck.get("quant"))
+
+
+def quick_ptq(model_fused: torch.nn.Module, cfg, flavour: str, batches: Iterable,
+              method: str = "max", num_batches: Optional[int] = None,
+              progress: bool = False) -> torch.nn.Module:
+    """Convert a FUSED float model for ``flavour`` (other options from ``cfg.quant``) and
+    calibrate it on ``batches`` (uint8 or float image tensors). Returns the fake-quant model."""
+    from ..quant import calibrate, convert
+    q = convert(model_fused, cfg, flavour=flavour)
+    with torch.no_grad():
+        prev = torch.set_flush_denormal(True)
+        try:
+            calibrate(q, batches, method=method, num_batches=num_batches, progress=progress,
+                      strict=False)
+        finally:
+            if not prev:
+                torch.set_flush_denormal(False)
+    return q
+
+
+def _names(cfg) -> Optional[list]:
+    try:
+        from ..eval.infer import class_names
+        names = class_names(cfg)
+        return None if names and names[0] == "class0" else names
+    except Exception:  # noqa: BLE001  (names are optional metadata)
+        return None
+
+
+def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
+                 img_size: Optional[int] = None, batch: int = 1, dynamic: Optional[bool] = None,
+                 opset: Optional[int] = None, simplify: Optional[bool] = None,
+                 end2end: Optional[bool] = None, nms: Optional[str] = None,
+                 calib_images=None, calib_num: int = 64, calib_method: str = "max",
+                 calib_batch: int = 8) -> Dict[str, Any]:
+    """Export ``weights`` (checkpoint path, or a model) to ONNX; see the module docstring.
+    ``None`` arguments come from ``cfg.export`` / ``cfg.data.img_size`` (``simplify``: QDQ graphs
+    only when asked explicitly). ``nms``: end-to-end
+    NMS kind (default ``tensorrt`` for the tensorrt flavour, else ``onnxruntime``).
+    Returns ``{"path", "flavour", "quantized", "calibrated_here", "info"}`` (``info``:
+    :func:`yolo_q.export.onnx_info`)."""
+    from ..quant import is_quantized, quant_state, set_quant_enabled
+    from .onnx import export_onnx, onnx_info
+    from .qdq import export_qdq
+
+    e = cfg.export
+    if isinstance(weights, torch.nn.Module):
+        model, has_quant = weights.eval(), is_quantized(weights)
+        src = "model"
+    else:
+        model, has_quant = load_checkpoint_model(weights, cfg)
+        src = str(weights)
+    model_flavour = quant_state(model)["flavour"] if has_quant else None
+    flavour = flavour or model_flavour or "float"
+    if flavour not in EXPORT_FLAVOURS:
+        raise ExportError(f"--flavour must be one of {', '.join(EXPORT_FLAVOURS)}, got {flavour!r}")
+    img_size = int(img_size or cfg.data.img_size)
+    dynamic = bool(e.dynamic_batch if dynamic is None else dynamic)
+    opset = int(e.opset if opset is None else opset)
+    simplify_arg = simplify
+    simplify = bool(e.simplify if simplify is None else simplify)
+    end2end = bool(e.end2end if end2end is None else end2end)
+    nms = nms or ("tensorrt" if flavour == "tensorrt" else "onnxruntime")
+    out = Path(out) if out else default_output(src if src != "model" else "model.pt", flavour,
+                                               img_size)
+    e2e = dict(end2end=end2end, nms=nms, conf_thres=float(e.conf_thres),
+               iou_thres=float(e.iou_thres), max_det=int(e.max_det))
+    meta = {"source": Path(src).name, "flavour": flavour}
+    names = _names(cfg)
+    if names:
+        meta["names"] = json.dumps(names)
+    calibrated_here = False
+    if flavour == "float":
+        if has_quant:  # same (QAT/PTQ) weights, quantizers off: a float graph
+            model = copy.deepcopy(model)
+            set_quant_enabled(model, False)
+            fuse = False
+        else:
+            fuse = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        export_onnx(model, out, img_size=img_size, batch=batch, opset=opset,
+                    dynamic_batch=dynamic, simplify=simplify, fuse=fuse, metadata=meta, **e2e)
+    else:
+        if has_quant and model_flavour != flavour:
+            raise ExportError(f"{src} was quantized for the '{model_flavour}' flavour; export "
+                              f"it with --flavour {model_flavour} (or --flavour float), or "
+                              f"re-run tools/ptq.py with quant.flavour={flavour}")
+        if not has_quant:
+            if calib_images is None:
+                raise ExportError(f"{src} is a float checkpoint: --flavour {flavour} needs a "
+                                  f"quantized one (run tools/ptq.py first), or pass "
+                                  f"--calib-images DIR for a quick max-calibration PTQ")
+            from ..eval.infer import image_batches
+            fused = copy.deepcopy(model)
+            if any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()):
+                fused.fuse()
+            batches = image_batches(calib_images, img_size, calib_batch, limit=calib_num)
+            model = quick_ptq(fused, cfg, flavour, batches, method=calib_method)
+            calibrated_here = True
+            meta["calibration"] = f"{calib_method} on {Path(str(calib_images)).name}"
+        # QDQ graphs are simplified only on request (a simplifier may fold weight Q/DQ pairs)
+        export_qdq(model, out, flavour=flavour, img_size=img_size, batch=batch, opset=opset,
+                   dynamic_batch=dynamic, simplify=bool(simplify_arg), metadata=meta, **e2e)
+    info = onnx_info(out)
+    return {"path": str(out), "flavour": flavour, "quantized": flavour != "float",
+            "calibrated_here": calibrated_here, "info": info}
