@@ -24,15 +24,25 @@ class ConfigError(ValueError):
 def _all_keys(node: Any, prefix: str = "") -> list:
     keys = []
     if isinstance(node, DictConfig):
-        for k in node.keys():
-            full = f"{prefix}.{k}" if prefix else str(k)
-            keys.append(full)
-            keys.extend(_all_keys(node[k], full) if isinstance(node._get_node(k), DictConfig) else [])
+        try:  # without resolving ${...}: a broken interpolation must not break the hint
+            for k in node.keys():
+                full = f"{prefix}.{k}" if prefix else str(k)
+                keys.append(full)
+                child = node._get_node(k)
+                keys.extend(_all_keys(child, full) if isinstance(child, DictConfig) else [])
+        except OmegaConfBaseException:
+            pass
     return keys
 
 
-def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
-    key = getattr(err, "full_key", None) or ""
+def _printable(text: str) -> str:
+    """Escape control characters (newlines...) so that an error message stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig,
+             default_key: str = "") -> ConfigError:
+    key = getattr(err, "full_key", None) or default_key
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
     candidates = _all_keys(schema)
     hint = ""
@@ -42,7 +52,7 @@ def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> Co
         close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.5)
         if close and close[0] != leaf:
             hint = f" (did you mean '{(parent + '.') if parent else ''}{close[0]}'?)"
-    return ConfigError(f"{source}: invalid key '{key}': {msg}{hint}")
+    return ConfigError(f"{source}: invalid key '{_printable(key)}': {msg}{hint}")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -53,6 +63,10 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: YAML syntax error: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -77,8 +91,14 @@ def _merge_file(cfg: DictConfig, path: Path, seen: tuple) -> DictConfig:
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: key '_base_' must be a config file name or a list of them, "
+                          f"got {bases!r}")
     for b in bases:
-        cfg = _merge_file(cfg, _resolve_path(b, path.parent), seen + (path,))
+        base = _resolve_path(b, path.parent)
+        if not base.is_file():
+            raise ConfigError(f"{path}: key '_base_': config file not found: {_printable(base)}")
+        cfg = _merge_file(cfg, base, seen + (path,))
     try:
         return OmegaConf.merge(cfg, OmegaConf.create(data))
     except OmegaConfBaseException as e:
@@ -97,7 +117,12 @@ def load_config(path: Optional[PathLike] = None, overrides: Sequence[str] = ()) 
         cfg = _merge_file(cfg, path, ())
         source = str(path)
     cfg = apply_overrides(cfg, overrides)
-    validate_choices(cfg, source if not overrides else f"{source} + command line")
+    source = source if not overrides else f"{source} + command line"
+    try:  # bad ${...} interpolations fail here, naming the key, not later mid-run
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise _explain(e, source, OmegaConf.structured(Config)) from None
+    validate_choices(cfg, source)
     return cfg
 
 
@@ -115,12 +140,17 @@ def validate_choices(cfg: DictConfig, source: str = "config") -> None:
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     overrides = list(overrides)
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"command line: override '{ov}' must look like key=value")
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as e:
-        raise _explain(e, "command line", cfg) from None
+        if "=" not in ov or not ov.split("=", 1)[0].strip():
+            raise ConfigError(f"command line: override '{_printable(ov)}' must look like key=value")
+    for ov in overrides:  # one at a time, so that an error can name its override
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except (yaml.YAMLError, UnicodeError) as e:
+            raise ConfigError(f"command line: override '{_printable(ov)}': value is not valid YAML "
+                              f"({str(e).splitlines()[0]})") from None
+        except OmegaConfBaseException as e:
+            raise _explain(e, "command line", cfg, default_key=ov.split("=", 1)[0]) from None
+    return cfg
 
 
 def save_config(cfg: DictConfig, path: PathLike) -> Path:

@@ -80,6 +80,10 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
         raise DataNotFoundError(f"{yaml_file}: data YAML not found") from None
     except yaml.YAMLError as e:
         raise DataError(f"{yaml_file}: YAML syntax error: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{yaml_file}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{yaml_file}: cannot read data YAML ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise DataError(f"{yaml_file}: top level must be a mapping with keys train, val, nc, names")
     known = {"path", "train", "val", "test", "nc", "names", "train_json", "val_json", "test_json",
@@ -127,7 +131,7 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
         droot = Path(expand_env(str(raw.get("path") or ".")))
         droot = droot if droot.is_absolute() else base / droot
     droot = Path(os.path.normpath(droot))
-    if check and not droot.is_dir():
+    if check and not os.path.isdir(droot):  # os.path: False (not OSError) on e.g. long names
         src = "data.root override" if root else "key 'path'"
         raise DataNotFoundError(f"{yaml_file}: {src}: dataset root not found: {droot} "
                                 f"(set YOLOQ_DATA_ROOT or data.root to relocate it)")
@@ -141,7 +145,7 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
         for v in vals:
             p = Path(expand_env(str(v))).expanduser()
             p = Path(os.path.normpath(p if p.is_absolute() else droot / p))
-            if check and not p.exists():
+            if check and not os.path.exists(p):
                 raise DataNotFoundError(f"{yaml_file}: key '{key}': path not found: {p}")
             out.append(str(p))
         return out if isinstance(val, (list, tuple)) else out[0]
@@ -297,22 +301,57 @@ def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None
         raise DataNotFoundError(f"COCO annotation file not found: {json_file}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{json_file}: not valid JSON ({e})") from None
+    except (OSError, RecursionError) as e:
+        raise DataError(f"{json_file}: cannot read COCO annotations ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict) or "images" not in d:
         raise DataError(f"{json_file}: not a COCO instances file (no 'images' key)")
-    cats = sorted(d.get("categories", []), key=lambda c: c["id"])
+
+    def entries(key: str, required: Sequence[str]) -> List[dict]:
+        items = d.get(key, [])
+        if not isinstance(items, list):
+            raise DataError(f"{json_file}: '{key}' must be a list, got {type(items).__name__}")
+        for i, it in enumerate(items):
+            missing = [k for k in required if not isinstance(it, dict) or k not in it]
+            if missing:
+                raise DataError(f"{json_file}: {key}[{i}]: missing {', '.join(missing)}")
+        return items
+
+    def integer(v: Any, where: str, minimum: Optional[int] = None) -> int:
+        try:
+            n = int(v) if not isinstance(v, (bool, dict, list)) else None
+        except (TypeError, ValueError, OverflowError):
+            n = None
+        if n is None or (minimum is not None and n < minimum):
+            raise DataError(f"{json_file}: {where} must be an integer"
+                            f"{f' >= {minimum}' if minimum is not None else ''}, got {v!r}")
+        return n
+
+    def ident(v: Any, where: str) -> Union[int, str]:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise DataError(f"{json_file}: {where} must be an integer (or string) id, got {v!r}")
+        return v
+
+    cats = entries("categories", ("id",))
+    cat_ids = [integer(c["id"], f"categories[{i}].id") for i, c in enumerate(cats)]
     if coco_ids is not None:
         cat_to_cls = {int(cid): i for i, cid in enumerate(coco_ids)}
     else:
-        cat_to_cls = {int(c["id"]): i for i, c in enumerate(cats)}
-    id2name = {int(c["id"]): str(c.get("name", c["id"])) for c in cats}
+        cat_to_cls = {cid: i for i, cid in enumerate(sorted(set(cat_ids)))}
+    id2name = {cid: str(c.get("name", cid)) for cid, c in zip(cat_ids, cats)}
     names = [id2name.get(cid, str(cid)) for cid, _ in sorted(cat_to_cls.items(), key=lambda t: t[1])]
     images = {}
-    for im in d["images"]:
+    for i, im in enumerate(entries("images", ("id", "file_name", "width", "height"))):
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise DataError(f"{json_file}: images[{i}].file_name must be a non-empty string")
         images[os.path.basename(im["file_name"])] = {
-            "id": im["id"], "width": int(im["width"]), "height": int(im["height"])}
+            "id": ident(im["id"], f"images[{i}].id"),
+            "width": integer(im["width"], f"images[{i}].width", minimum=1),
+            "height": integer(im["height"], f"images[{i}].height", minimum=1)}
     anns: Dict[Any, list] = {}
-    for a in d.get("annotations", []):
-        anns.setdefault(a["image_id"], []).append(a)
+    for i, a in enumerate(entries("annotations", ("image_id",))):
+        anns.setdefault(ident(a["image_id"], f"annotations[{i}].image_id"), []).append(a)
     return {"images": images, "anns": anns, "cat_to_cls": cat_to_cls, "names": names}
 
 
@@ -333,8 +372,18 @@ def coco_image_labels(anns: Sequence[dict], cat_to_cls: Dict[int, int], nc: Opti
             counts["drop_bad_columns"] = counts.get("drop_bad_columns", 0) + 1
             issues.append(f"annotation {a.get('id')}: bbox must be [x, y, w, h], dropped")
             continue
-        c = cat_to_cls.get(int(a.get("category_id", -1)), -1)
-        x, y, bw, bh = (float(v) for v in bb)
+        try:
+            if any(isinstance(v, (bool, str)) for v in bb):
+                raise TypeError
+            x, y, bw, bh = (float(v) for v in bb)
+        except (TypeError, ValueError, OverflowError):
+            counts["drop_non_numeric"] = counts.get("drop_non_numeric", 0) + 1
+            issues.append(f"annotation {a.get('id')}: bbox values must be numbers, dropped")
+            continue
+        try:
+            c = cat_to_cls.get(int(a.get("category_id", -1)), -1)
+        except (TypeError, ValueError, OverflowError):
+            c = -1  # dropped below as a bad class
         cls.append(c)
         xyxy.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
         where.append(f"annotation {a.get('id')} (category {a.get('category_id')})")

@@ -102,9 +102,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global '{module}.{name}' (not on the allow-list)")
 
 
+def _restricted_load(file, **kwargs):
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
 _restricted_pickle = types.ModuleType("yolo_q_restricted_pickle")
 _restricted_pickle.Unpickler = _RestrictedUnpickler
-_restricted_pickle.load = pickle.load  # torch.load only uses .Unpickler
+# torch.load also calls ``pickle_module.load`` (legacy, non-zip files: magic number, sys info,
+# storages); a plain ``pickle.load`` there would run any pickled code, so it is restricted too
+_restricted_pickle.load = _restricted_load
 _restricted_pickle.__name__ = "yolo_q_restricted_pickle"
 
 

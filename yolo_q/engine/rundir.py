@@ -13,6 +13,8 @@ MIN_FREE_BYTES = 64 * 1024 * 1024  # a few checkpoints of a small model
 class RunDirError(OSError):
     """The output location cannot be used; names the path."""
 
+    user_facing = True  # tools print the message as one line (yolo_q.cli.run_tool)
+
 
 def check_writable(path: Path, min_free: int = MIN_FREE_BYTES) -> None:
     """Fail now, naming ``path``, if it cannot take files (permissions, read-only, full disk)."""
@@ -45,7 +47,7 @@ def make_run_dir(output_dir, name: str, exist_ok: bool = False, resume_from: Opt
         run = root / name
         if not exist_ok:
             i = 2
-            while run.exists() and any(run.iterdir()):
+            while run.exists() and (not run.is_dir() or any(run.iterdir())):
                 run = root / f"{name}{i}"
                 i += 1
     check_writable(run, min_free)

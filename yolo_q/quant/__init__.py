@@ -8,6 +8,10 @@ Typical PTQ::
     calibrate(qmodel, loader, num_batches=cfg.quant.calib_batches)
     save_checkpoint({"model": qmodel.state_dict(), "quant_state": quant_state(qmodel)}, path)
     # later: restore(build_model(cfg).fuse(), ckpt["quant_state"], ckpt["model"])
+
+End to end (``tools/ptq.py``): :func:`run_ptq` (calibration, float vs PTQ mAP, sensitivity
+analysis, partial quantization, checkpoint); :func:`load_quantized` rebuilds a saved
+checkpoint (``yolo_q.load_model("ptq.pt")`` calls it).
 """
 from .calibrators import HistogramCalibrator, MaxCalibrator, make_calibrator
 from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, QuantStateError,
@@ -18,6 +22,10 @@ from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, Qua
                       set_quant_enabled, weight_quantizers)
 from .integer import integer_check, quantize_multiplier, requantize
 from .modules import QUANT_MODULES, QuantConv2d, QuantConvTranspose2d, QuantMaxPool2d
+from .partial import float_layers_in_onnx, search_max_drop, skip_top
+from .ptq import calibration_batches, load_quantized, quantize_model, run_ptq
+from .sensitivity import (exact_sensitivity, proxy_sensitivity, sensitivity_analysis,
+                          spearman)
 from .tensor_quantizer import AMAX_EPS, QuantizerError, TensorQuantizer
 
 __all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramCalibrator",
@@ -28,4 +36,8 @@ __all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramC
            "disable_layers", "enable_range_ema", "integer_check", "is_quantized",
            "layer_modules", "layer_output_errors", "make_calibrator", "quant_state",
            "quantize_multiplier", "quantize_only", "quantized_layers", "requantize",
-           "resolve_settings", "restore", "set_quant_enabled", "weight_quantizers"]
+           "resolve_settings", "restore", "set_quant_enabled", "weight_quantizers",
+           # PTQ, sensitivity, partial quantization
+           "calibration_batches", "exact_sensitivity", "float_layers_in_onnx", "load_quantized",
+           "proxy_sensitivity", "quantize_model", "run_ptq", "search_max_drop",
+           "sensitivity_analysis", "skip_top", "spearman"]

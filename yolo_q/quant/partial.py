@@ -1,0 +1,91 @@
+"""Partial quantization: keep the most sensitive layers in float.
+
+* :func:`skip_top` - the ``k`` first layers of a sensitivity ranking.
+* :func:`search_max_drop` - the fewest float layers (a prefix of the ranking, added greedily one
+  at a time) that keep mAP50-95 within ``max_drop`` of the float model. ``max_drop`` is in mAP
+  **percentage points**: ``0.3`` means mAP50-95 may be at most 0.003 below float (e.g. 0.4120
+  float -> >= 0.4090).
+
+The float layers become ``quant.skip_layers`` of a fresh :func:`yolo_q.quant.convert` (plain
+modules, no quantizers), so they are saved in the checkpoint's quant state and the QDQ export
+has no Q/DQ on them (:func:`float_layers_in_onnx` checks an exported graph).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def skip_top(ranking: Sequence[str], k: int) -> List[str]:
+    """The ``k`` most sensitive layers of ``ranking`` (most sensitive first)."""
+    if k < 0:
+        raise ValueError(f"--skip-top must be >= 0, got {k}")
+    if k > len(ranking):
+        raise ValueError(f"--skip-top {k}: the model has only {len(ranking)} quantized layers")
+    return list(ranking[:k])
+
+
+def search_max_drop(ranking: Sequence[str], evaluate_skip: Callable[[List[str]], float],
+                    float_map: float, max_drop: float, max_steps: Optional[int] = None,
+                    progress: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Greedy search for the fewest float layers that keep mAP within ``max_drop`` points.
+
+    For ``k = 0, 1, 2, ...`` the ``k`` most sensitive layers of ``ranking`` stay float and
+    ``evaluate_skip(layers) -> mAP50-95`` measures the partly quantized model; the search stops
+    at the first ``k`` with ``100 * (float_map - mAP) <= max_drop``. ``max_steps`` caps the
+    number of evaluations (default: until every layer is float). Returns ``{"skip": [...],
+    "reached": bool, "max_drop": ..., "float_map50_95": ..., "steps": [{"k", "added", "map50_95",
+    "drop_points", "ok"}]}``; when the target is not reached ``skip`` is the best step's set.
+    """
+    from tqdm import tqdm
+
+    if max_drop < 0:
+        raise ValueError(f"--max-drop must be >= 0 (mAP percentage points), got {max_drop}")
+    limit = len(ranking) + 1 if max_steps is None else min(int(max_steps), len(ranking) + 1)
+    steps: List[Dict] = []
+    result = {"skip": [], "reached": False, "max_drop": float(max_drop),
+              "float_map50_95": float(float_map), "steps": steps}
+    bar = tqdm(total=limit, desc=f"partial [max-drop {max_drop}]", leave=False,
+               disable=not progress)
+    for k in range(limit):
+        skip = list(ranking[:k])
+        m = float(evaluate_skip(skip))
+        drop = 100.0 * (float_map - m)
+        ok = drop <= max_drop + 1e-9
+        steps.append({"k": k, "added": ranking[k - 1] if k else None, "map50_95": m,
+                      "drop_points": drop, "ok": ok})
+        msg = (f"partial: {k:2d} float layer(s){' (+' + ranking[k - 1] + ')' if k else ''}: "
+               f"mAP50-95 {m:.4f}, drop {drop:.2f} pts {'<=' if ok else '>'} {max_drop}")
+        (log or logger.info)(msg)
+        bar.update(1)
+        if ok:
+            result.update(skip=skip, reached=True)
+            break
+    bar.close()
+    if not result["reached"]:
+        best = max(steps, key=lambda s: (s["map50_95"], -s["k"]))
+        result["skip"] = list(ranking[:best["k"]])
+    result["num_float"] = len(result["skip"])
+    return result
+
+
+def float_layers_in_onnx(path, layers: Sequence[str], check_input: bool = True) -> Dict[str, bool]:
+    """For each layer name: True when its node in the exported ONNX graph reads its weight (and,
+    with ``check_input``, its input) from no DequantizeLinear, i.e. it runs in float. In the
+    onnxruntime flavour a float layer can still read a tensor that its (quantized) producer
+    quantized at its output: use ``check_input=False`` there."""
+    from ..export.qdq import conv_quantization
+
+    info = conv_quantization(path)
+    out = {}
+    for name in layers:
+        node = info.get(name)
+        if node is None:
+            raise KeyError(f"{path}: no Conv/MaxPool node for layer '{name}'")
+        out[name] = not node["weight"] and not (check_input and node["input"])
+    return out
+
+
+__all__ = ["float_layers_in_onnx", "search_max_drop", "skip_top"]

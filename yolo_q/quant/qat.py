@@ -1,0 +1,480 @@
+"""Quantization-aware training: fine-tune a PTQ-calibrated fake-quant student with the float
+Trainer, its default hooks and (optionally) channel-wise distillation from the float teacher.
+
+Recipe (``quant.qat``; defaults follow the YOLOv6 QAT seed), applied by :func:`qat_train_config`
+to a copy of the float config:
+
+* ``train.epochs = quant.qat.epochs`` or ``max(1, round(epochs_ratio * train.epochs))`` (10 %);
+* ``train.lr0 = lr_ratio * train.lr0`` (1 %), cosine per epoch down to ``lrf`` (1 %) of that
+  over the QAT epochs (half a period), no warm-up, EMA on (``quant.qat.ema``);
+* RepOptimizer runs become plain SGD (the student is fused: the RepOpt masks no longer apply);
+* outputs under ``quant.qat.output_dir/train.name`` (``runs/qat/<name>``), same files as float
+  training (``config.yaml``, ``weights/{last,best}.pt``, ``tensorboard/``, ``results.json``).
+
+The student is the converted, FUSED model of the calibrated checkpoint (BN already folded, so no
+statistics can drift; the structure is the deploy structure that export writes; layers left in
+float by partial quantization stay float). Activation scales stay at their calibrated values
+(amax buffers are not parameters: nothing changes them) unless ``quant.qat.freeze_scales=false``:
+then every activation range follows an EMA of the batch max (:func:`~yolo_q.quant.enable_range_ema`)
+and shared (concat) scales are re-tied before each optimizer step and at the end of every epoch,
+so every checkpoint exports consistently. Weight scales (per-channel max from calibration) stay
+fixed.
+
+EMA of a fake-quant model (:class:`yolo_q.engine.ModelEMA`, ``copy_buffers=True``): weights are
+averaged, quantizer ``_amax`` buffers are COPIED from the model - averaged ranges would not be the
+ranges the weights were trained with, and shared scales would drift apart.
+
+Checkpoints: :meth:`Trainer.state_dict` plus ``quant`` (the quant state) and ``qat`` (source
+files, base config, baseline metrics) via ``trainer.checkpoint_extras``, so ``last.pt`` /
+``best.pt`` resume like float training and load with :func:`yolo_q.load_model`, tools/eval.py
+and the QDQ export.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from ..engine.checkpoint import (CheckpointError, load_checkpoint, load_state_into,
+                                 read_checkpoint_any)
+from ..engine.hooks import Hook, WarmupLRHook
+from .convert import (QuantStateError, all_quantizers, apply_shared_scales, convert,
+                      enable_range_ema, is_quantized, quant_state, quantized_layers)
+
+logger = logging.getLogger(__name__)
+
+# model-config keys that do not change the network (ignored when comparing teacher/student)
+NON_STRUCTURAL_KEYS = ("name", "scales", "head.prior_prob")
+
+
+class QATError(ValueError):
+    """QAT cannot start: the inputs do not fit together; the message names the file(s)."""
+
+
+# ----------------------------------------------------------------------------- recipe
+def qat_epochs(cfg) -> int:
+    q = cfg.quant.qat
+    if q.epochs is not None:
+        if int(q.epochs) < 1:
+            raise QATError(f"quant.qat.epochs must be >= 1, got {q.epochs}")
+        return int(q.epochs)
+    return max(1, int(round(float(q.epochs_ratio) * int(cfg.train.epochs))))
+
+
+def qat_train_config(cfg) -> DictConfig:
+    """The config the QAT Trainer runs with (a copy; see the module docstring)."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(out, True)
+    q, t = cfg.quant.qat, out.train
+    t.epochs = qat_epochs(cfg)
+    t.lr0 = float(q.lr_ratio) * float(cfg.train.lr0)
+    t.lrf = float(q.lrf)
+    t.scheduler = "cosine"
+    t.warmup_epochs = 0.0
+    t.ema = bool(q.ema)
+    t.output_dir = str(q.output_dir)
+    if t.optimizer == "repopt":
+        t.optimizer = "sgd"
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, DictConfig):
+        d = OmegaConf.to_container(d, resolve=True)
+    out: Dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def model_config_diff(a, b) -> List[str]:
+    """Structural differences between two ``model`` sections: ``['model.nc: 8 vs 3', ...]``."""
+    fa, fb = _flatten(a), _flatten(b)
+    keys = [k for k in dict.fromkeys(list(fa) + list(fb)) if k not in NON_STRUCTURAL_KEYS]
+    return [f"model.{k}: {fa.get(k, '<unset>')} vs {fb.get(k, '<unset>')}" for k in keys
+            if fa.get(k) != fb.get(k)]
+
+
+def _load_quantized(cfg, state_dict: Dict[str, torch.Tensor], state: dict,
+                    source: str = "checkpoint") -> nn.Module:
+    """Fallback for :func:`yolo_q.quant.load_quantized`: ``convert(build_model(cfg).fuse(),
+    state=state)`` + strict load of ``state_dict``."""
+    from ..models import build_model
+    model = convert(build_model(cfg).fuse(), state=state)
+    load_state_into(model, state_dict, source)
+    return model.eval()
+
+
+def build_quantized(cfg, state_dict: Dict[str, torch.Tensor], state: dict,
+                    source: str = "checkpoint") -> nn.Module:
+    """The quantized model of a checkpoint (``yolo_q.quant.load_quantized`` when available)."""
+    from .. import quant
+    loader = getattr(quant, "load_quantized", None)
+    try:
+        if loader is not None:
+            return loader(cfg, state_dict, state)
+        return _load_quantized(cfg, state_dict, state, source)
+    except CheckpointError as e:
+        raise QATError(str(e) if source in str(e) else f"{source}: {e}") from None
+    except (QuantStateError, RuntimeError, KeyError) as e:
+        raise QATError(f"{source}: does not match the model of the config: "
+                       f"{str(e).splitlines()[0]}") from None
+
+
+def check_calibrated(model: nn.Module, source: str) -> None:
+    """Fail when ``model`` is not quantized or an enabled quantizer has no range."""
+    if not is_quantized(model):
+        raise QATError(f"{source}: not a quantized model")
+    if not quantized_layers(model):
+        raise QATError(f"{source}: quantizes no layer (every layer is skipped)")
+    bad = [n for n, q in all_quantizers(model).items() if q.enabled and not q.is_calibrated]
+    if bad:
+        raise QATError(f"{source}: {len(bad)} quantizer(s) are not calibrated (e.g. "
+                       f"{', '.join(bad[:3])}): calibrate it first (tools/ptq.py)")
+
+
+def read_student(path) -> Dict[str, Any]:
+    """Read a PTQ-calibrated checkpoint (``model``/``config``/``quant``); fail if not quantized."""
+    ck = read_checkpoint_any(path)
+    if not ck.get("quant"):
+        raise QATError(f"{path}: not a quantized checkpoint (no 'quant' entry): QAT starts from "
+                       f"a PTQ-calibrated checkpoint (tools/ptq.py), not from float weights")
+    return ck
+
+
+def read_teacher(path) -> Dict[str, Any]:
+    ck = read_checkpoint_any(path)
+    if ck.get("quant"):
+        raise QATError(f"{path}: the teacher must be the float model, but this checkpoint is "
+                       f"quantized (pass the float training checkpoint, e.g. .../best.pt)")
+    return ck
+
+
+def check_model_configs(run_cfg, student: tuple, teacher: Optional[tuple] = None) -> None:
+    """``student`` / ``teacher``: ``(path, stored config dict or None)``. The student must have
+    the run's ``model`` section (structural keys) and the teacher the student's; the message
+    names the files and the differing keys. Checkpoints without a config (plain state dicts)
+    are checked by the strict weight loads instead."""
+    s_path, s_cfg = student
+    if s_cfg and "model" in s_cfg:
+        diff = model_config_diff(s_cfg["model"], run_cfg.model)
+        if diff:
+            raise QATError(f"student {s_path} does not match the QAT config (checkpoint vs "
+                           f"config+data): {_join(diff)}")
+    if teacher is not None:
+        t_path, t_cfg = teacher
+        if t_cfg and "model" in t_cfg:
+            diff = model_config_diff(t_cfg["model"], (s_cfg or {}).get("model") or run_cfg.model)
+            if diff:
+                raise QATError(f"teacher {t_path} and student {s_path} are different networks "
+                               f"(teacher vs student): {_join(diff)}")
+
+
+def _join(diff: List[str], n: int = 6) -> str:
+    return "; ".join(diff[:n]) + (f" (+{len(diff) - n} more)" if len(diff) > n else "")
+
+
+def load_teacher(path, ck: Dict[str, Any], cfg, device="cpu") -> nn.Module:
+    """The float teacher, fused, in eval mode, without gradients."""
+    from ..models import build_model
+    model = build_model(cfg)
+    sd = ck["model"]
+    if not any(".bn." in k or k.endswith("rbr_identity.weight") for k in sd):
+        model.fuse()  # deploy-form weights
+    try:
+        load_state_into(model, sd, f"teacher {path}")
+    except CheckpointError as e:
+        raise QATError(f"{e} (teacher and student must be the same network)") from None
+    model.fuse()
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- hooks
+class QATHook(Hook):
+    """Scale handling of a QAT run + the checkpoint entries that make checkpoints quantized.
+
+    ``freeze_scales=True``: nothing to do (amax buffers never change). ``False``: EMA range
+    updates are enabled on the student at registration (before the EMA copy is made) and
+    shared scales are re-tied before each optimizer step (so the EMA copy, made after the step,
+    gets consistent ranges) and after each epoch on the model and the EMA (place this hook
+    before the eval and checkpoint hooks). ``extras`` go into ``trainer.checkpoint_extras``.
+    """
+
+    def __init__(self, freeze_scales: bool = True, range_ema: float = 0.99,
+                 extras: Optional[Dict[str, Any]] = None):
+        self.freeze_scales, self.range_ema = bool(freeze_scales), float(range_ema)
+        self.extras = dict(extras or {})
+
+    def register(self, trainer) -> None:
+        super().register(trainer)
+        model = trainer.model
+        if not is_quantized(model):
+            raise QATError("QATHook: the trainer's model is not quantized")
+        if not self.freeze_scales:
+            enable_range_ema(model, self.range_ema)
+        trainer.checkpoint_extras["quant"] = quant_state(model)
+        trainer.checkpoint_extras.update(self.extras)
+
+    def before_optimizer_step(self) -> None:
+        if not self.freeze_scales:
+            apply_shared_scales(self.trainer.model)
+
+    def after_epoch(self) -> None:
+        if self.freeze_scales:
+            return
+        apply_shared_scales(self.trainer.model)
+        if self.trainer.ema is not None:
+            apply_shared_scales(self.trainer.ema.ema)
+
+
+def insert_after(hooks: List[Hook], hook: Hook, kind: type = WarmupLRHook) -> List[Hook]:
+    """Insert ``hook`` right after the first hook of type ``kind`` (else at the front)."""
+    idx = next((i + 1 for i, h in enumerate(hooks) if isinstance(h, kind)), 0)
+    hooks.insert(idx, hook)
+    return hooks
+
+
+# ----------------------------------------------------------------------------- run
+def _first_val_batch(cfg, val_ds):
+    from ..data import build_dataloader
+    loader = build_dataloader(val_ds, cfg.eval.batch_size, shuffle=False, workers=0,
+                              seed=cfg.train.seed)
+    return next(iter(loader))[0]
+
+
+def _scalars(metrics: Optional[Dict[str, Any]]) -> Dict[str, float]:
+    return {k: float(v) for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def evaluate_ort(model: nn.Module, cfg, val_ds, path) -> Dict[str, float]:
+    """Export ``model`` to QDQ ONNX at ``path`` (its own flavour) and evaluate it with ONNX
+    Runtime on ``val_ds`` (the evaluation settings of ``cfg.eval``)."""
+    from ..data import build_dataloader
+    from ..eval import COCOEvaluator, OrtBackend, evaluate
+    from ..export.qdq import export_qdq
+    export_qdq(model, path, img_size=int(cfg.data.img_size), batch=1, dynamic_batch=True)
+    loader = build_dataloader(val_ds, cfg.eval.batch_size, shuffle=False,
+                              workers=min(cfg.data.workers, 2), seed=cfg.train.seed)
+    res = evaluate(OrtBackend(path), loader, COCOEvaluator.from_dataset(val_ds),
+                   conf_thres=cfg.eval.conf_thres, iou_thres=cfg.eval.iou_thres,
+                   max_det=cfg.eval.max_det, progress=False)
+    out = _scalars(res)
+    out["onnx"] = str(path)
+    return out
+
+
+def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = None,
+            resume: Optional[str] = None, overrides: Sequence[str] = (),
+            extra_hooks: Iterable[Hook] = (), evaluate_start: bool = True,
+            integer_check: bool = False, ort_check: bool = False,
+            verbose: bool = True) -> Dict[str, Any]:
+    """Quantization-aware training of the calibrated ``weights`` (a PTQ checkpoint) with the
+    float ``teacher`` (required when ``quant.distill.enabled``; otherwise only used for the
+    report's float mAP). Returns a summary dict (``run_dir``, ``last``, ``best``, ``float``,
+    ``ptq``, ``qat``, optional ``integer_check``/``ort``, ``report`` text...).
+
+    ``cfg``: the float training config (QAT settings in ``cfg.quant``); None: the config stored
+    in ``resume`` (base config) or ``weights``. ``overrides``: dot-list overrides on top.
+    ``resume``: a QAT ``last.pt``; ``weights``/``teacher`` then default to the ones it records.
+    ``extra_hooks``: appended to the trainer's hooks.
+    ``evaluate_start``: evaluate teacher and student before training (float / PTQ rows).
+    ``integer_check``: per-layer max deviation of integer arithmetic on one val batch.
+    ``ort_check``: export the best model to QDQ ONNX and evaluate it with ONNX Runtime.
+    All inputs are checked before anything is trained or written (:class:`QATError`).
+    """
+    from ..config import apply_overrides, config_from_dict
+    from ..config.loader import validate_choices
+    from ..engine.distributed import cleanup, init_distributed
+    from ..engine.trainer import flush_denormal
+
+    # -- inputs: checkpoints first (cheap checks, clear messages) ---------------------------
+    resume_ck = load_checkpoint(resume) if resume else None
+    if resume_ck is not None:
+        if not resume_ck.get("quant") or "qat" not in resume_ck:
+            raise QATError(f"{resume}: not a QAT checkpoint (no 'quant'/'qat' entries)")
+        weights = weights or resume_ck["qat"].get("weights")
+        teacher = teacher or resume_ck["qat"].get("teacher")
+        student = {"model": resume_ck["model"], "quant": resume_ck["quant"],
+                   "config": resume_ck.get("config"), "source": str(resume)}
+    elif not weights:
+        raise QATError("QAT needs --weights: a PTQ-calibrated checkpoint (tools/ptq.py)")
+    else:
+        student = dict(read_student(weights), source=str(weights))
+    if cfg is None:
+        base = (resume_ck or {}).get("qat", {}).get("base_config") or student.get("config")
+        if not base:
+            raise QATError(f"{student['source']}: stores no config; pass --config")
+        cfg = config_from_dict(base)
+    cfg = apply_overrides(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), overrides)
+    validate_choices(cfg, "QAT config")
+    if cfg.quant.distill.enabled and not teacher:
+        raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
+                       "or set quant.distill.enabled=false")
+    teacher_ck = dict(read_teacher(teacher), source=str(teacher)) if teacher else None
+
+    dist_info = init_distributed()
+    try:
+        with flush_denormal(True):  # CPU: denormals made eval/training steps ~60x slower
+            return _train_qat(cfg, student, teacher_ck, weights, resume, resume_ck,
+                              dist_info.rank, dist_info.world_size, list(extra_hooks),
+                              evaluate_start, integer_check, ort_check, verbose)
+    finally:
+        cleanup()
+
+
+def _train_qat(cfg, student_ck, teacher_ck, weights, resume, resume_ck, rank, world, extra_hooks,
+               evaluate_start, integer_check, ort_check, verbose) -> Dict[str, Any]:
+    from ..config import save_config
+    from ..data import build_dataloader, build_datasets_from_config
+    from ..engine.distributed import resolve_device
+    from ..engine.hooks import default_hooks
+    from ..engine.rundir import make_run_dir
+    from ..engine.train import build_optimizer_for, make_evaluate_fn, sync_nc_with_data
+    from ..engine.trainer import Trainer, seed_everything
+    from ..losses import DetectionLoss
+    from .distill import ChannelDistillHook
+
+    distill, qat = cfg.quant.distill, cfg.quant.qat
+    base_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    train_ds, val_ds, info = build_datasets_from_config(cfg, verbose=verbose and rank == 0)
+    sync_nc_with_data(base_cfg, info)
+    qcfg = qat_train_config(base_cfg)
+    t = qcfg.train
+    src = student_ck["source"]
+    check_model_configs(qcfg, (src, student_ck.get("config")),
+                        (teacher_ck["source"], teacher_ck.get("config")) if teacher_ck else None)
+
+    # -- models (fused fake-quant student, fused float teacher) ---------------------------
+    seed_everything(t.seed, t.deterministic, rank)
+    student = build_quantized(qcfg, student_ck["model"], student_ck["quant"], src)
+    check_calibrated(student, src)
+    device = resolve_device(t.device)
+    student.to(device)
+    teacher = load_teacher(teacher_ck["source"], teacher_ck, qcfg, device) if teacher_ck else None
+    state = quant_state(student)
+    if cfg.quant.flavour and cfg.quant.flavour != state["flavour"]:
+        logger.warning("quant.flavour=%s ignored: %s was converted for %s", cfg.quant.flavour,
+                       src, state["flavour"])
+
+    run_dir = make_run_dir(t.output_dir, t.name, t.exist_ok, Path(resume) if resume else None)
+    if rank == 0:
+        save_config(qcfg, run_dir / "config.yaml")
+        if verbose:
+            logger.info("QAT run directory: %s (%d epochs, lr0 %.3g -> x%.3g, scales %s, "
+                        "distillation %s, %d quantized layers, %d float)", run_dir, t.epochs,
+                        t.lr0, t.lrf, "frozen" if qat.freeze_scales else "EMA",
+                        "on" if distill.enabled else "off", len(state["layers"]),
+                        len(state["skip"]))
+    evaluate_fn = make_evaluate_fn(qcfg, val_ds) if rank == 0 else (lambda m: {})
+    baseline = dict((resume_ck or {}).get("qat", {}).get("baseline") or {})
+    if rank == 0 and evaluate_start and not baseline:
+        if teacher is not None:
+            baseline["float"] = _scalars(evaluate_fn(teacher))
+        baseline["ptq"] = _scalars(evaluate_fn(student))
+
+    # -- the float Trainer with its default hooks, plus the QAT hooks -----------------------
+    extras = {"qat": {"weights": str(weights), "teacher": teacher_ck["source"] if teacher_ck
+                      else None, "base_config": OmegaConf.to_container(base_cfg, resolve=True),
+                      "baseline": baseline}}
+    hooks = insert_after(default_hooks(qcfg, evaluate_fn, run_dir),
+                         QATHook(qat.freeze_scales, qat.range_ema, extras))
+    if distill.enabled:
+        hooks.append(ChannelDistillHook(teacher, list(distill.layers), distill.tau,
+                                        distill.weight))
+    hooks.extend(extra_hooks)
+    optimizer = build_optimizer_for(student, qcfg, world, reinit=False)
+    loader = build_dataloader(train_ds, t.batch_size, shuffle=True, workers=qcfg.data.workers,
+                              seed=t.seed, rank=rank, world_size=world, drop_last=False)
+    trainer = Trainer(student, optimizer, loader, DetectionLoss.from_config(qcfg), qcfg, hooks,
+                      device=device, work_dir=run_dir)
+    if resume:
+        trainer.resume(resume)
+    trainer.train()
+
+    # -- summary and report -----------------------------------------------------------------
+    weights_dir = run_dir / "weights"
+    best = weights_dir / "best.pt"
+    summary: Dict[str, Any] = {
+        "run_dir": str(run_dir), "last": str(weights_dir / "last.pt"),
+        "best": str(best) if best.exists() else None, "epochs": trainer.epochs,
+        "best_epoch": trainer.best_epoch + 1, "best_fitness": trainer.best_fitness,
+        "metrics": _scalars(trainer.metrics), "total_bad_steps": trainer.total_bad_steps,
+        "float": baseline.get("float"), "ptq": baseline.get("ptq"),
+        "flavour": state["flavour"], "quantized_layers": len(state["layers"]),
+        "float_layers": list(state["skip"]),
+        "recipe": {"epochs": int(t.epochs), "lr0": float(t.lr0), "lrf": float(t.lrf),
+                   "freeze_scales": bool(qat.freeze_scales), "distill": bool(distill.enabled),
+                   "distill_weight": float(distill.weight), "tau": float(distill.tau),
+                   "layers": list(distill.layers)},
+    }
+    if rank != 0:
+        return summary
+    final_path = best if best.exists() else weights_dir / "last.pt"
+    summary["qat"] = _scalars(load_checkpoint(final_path).get("metrics")) or None
+    summary["qat_checkpoint"] = str(final_path)
+    if integer_check or ort_check:
+        rd = read_checkpoint_any(final_path)  # EMA weights when present
+        final = build_quantized(qcfg, rd["model"], rd["quant"], str(final_path))
+        if integer_check:
+            from .integer import integer_check as _integer_check
+            summary["integer_check"] = _integer_check(final, _first_val_batch(qcfg, val_ds))
+        if ort_check:
+            onnx_path = weights_dir / f"{final_path.stem}_{state['flavour']}.onnx"
+            summary["ort"] = evaluate_ort(final, qcfg, val_ds, onnx_path)
+    summary["report"] = format_report(summary)
+    if verbose:
+        print(summary["report"], flush=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(v: Optional[float]) -> str:
+    return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+
+
+def format_report(summary: Dict[str, Any], top: int = 10) -> str:
+    """Float (teacher) vs PTQ (start) vs QAT mAP, with ONNX Runtime INT8 and the integer check
+    when present. mAP in percentage points."""
+    rows = [("float (teacher)", summary.get("float")), ("PTQ (start)", summary.get("ptq")),
+            (f"QAT ({Path(summary.get('qat_checkpoint') or 'best.pt').name})", summary.get("qat"))]
+    if summary.get("ort"):
+        rows.append((f"QAT ONNX Runtime INT8 ({summary['flavour']} QDQ)", summary["ort"]))
+    ref = (summary.get("float") or {}).get("map50_95")
+    lines = [f"QAT report: {summary.get('run_dir', '')}  ({summary.get('flavour')} flavour, "
+             f"{summary.get('quantized_layers')} quantized layers, "
+             f"{len(summary.get('float_layers') or [])} float)",
+             f"{'':<40}{'mAP50-95':>9}{'mAP50':>8}{'vs float':>10}"]
+    for label, m in rows:
+        m = m or {}
+        a = m.get("map50_95")
+        delta = f"{100 * (a - ref):+9.2f}" if a is not None and ref is not None else "        -"
+        lines.append(f"{label:<40}{_fmt(a):>9}{_fmt(m.get('map50')):>8}{delta:>10}")
+    if summary.get("ort") and summary.get("qat"):
+        d = summary["ort"]["map50_95"] - summary["qat"]["map50_95"]
+        lines.append(f"ONNX Runtime vs torch fake-quant: {100 * d:+.2f} mAP50-95 points")
+    dev = summary.get("integer_check")
+    if dev:
+        worst = sorted(dev.items(), key=lambda kv: -kv[1])
+        lines.append(f"integer arithmetic vs fake-quant, max deviation per layer (steps of the "
+                     f"output grid): max {worst[0][1]:.3f} over {len(dev)} layers, "
+                     f"{sum(v <= 1.0 + 1e-6 for v in dev.values())}/{len(dev)} within 1 step")
+        for name, v in worst[:top]:
+            lines.append(f"  {name:<52}{v:7.3f}")
+        if len(worst) > top:
+            lines.append(f"  ... {len(worst) - top} more (all in results.json)")
+    return "\n".join(lines)
+
+
+__all__ = ["QATError", "QATHook", "build_quantized", "check_calibrated", "format_report",
+           "model_config_diff", "qat_epochs", "qat_train_config", "run_qat"]
