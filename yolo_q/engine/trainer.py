@@ -69,6 +69,8 @@ CHECKPOINT_FORMAT = "yolo_q.train/1"
 class NonFiniteLossError(RuntimeError):
     """Training stopped after ``train.max_bad_steps`` consecutive non-finite losses."""
 
+    user_facing = True  # tools print the message as one line and exit 2
+
 
 # ----------------------------------------------------------------------------- seeding / RNG
 def seed_everything(seed: int, deterministic: bool = True, rank: int = 0) -> None:
