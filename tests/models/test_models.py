@@ -44,8 +44,10 @@ def test_fuse_is_exact(size, repo_root, randomize):
 
 @pytest.mark.parametrize("size", ["n", "s"])
 def test_state_dict_keys_match_official(size, repo_root):
-    ref = json.loads((repo_root.parent / "shared/reference" /
-                      f"yolov6_v3_state_dict_{size}.json").read_text())["plain"]
+    path = repo_root.parent / "shared/reference" / f"yolov6_v3_state_dict_{size}.json"
+    if not path.exists():  # the project's shared/ folder sits beside the checkout in CI
+        pytest.skip(f"{path} not found (shared/ is not beside this checkout)")
+    ref = json.loads(path.read_text())["plain"]
     model = build_model(load_config(repo_root / f"configs/yolov6{size}.yaml"))
     for form in ("train", "deploy"):
         if form == "deploy":
