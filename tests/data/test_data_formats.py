@@ -30,7 +30,7 @@ def coco128():
 
 def test_coco128_yaml(coco128):
     root = Path(coco128["path"])
-    assert root == (REPO.parent / "shared" / "datasets" / "coco128").resolve()
+    assert root.resolve() == (REPO.parent / "shared" / "datasets" / "coco128").resolve()
     assert coco128["train"] == coco128["val"] == str(root / "images" / "train2017")
     assert coco128["nc"] == 80 and len(coco128["names"]) == 80
     assert coco128["names"] == (root / "classes.txt").read_text().split("\n")[:80]
