@@ -14,6 +14,7 @@ ratios are only computed between rows of the same run. Denormals are flushed to 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import platform
 import subprocess
@@ -261,8 +262,14 @@ def _quantize_static(fp32_onnx: Path, out: Path, calib: Sequence[np.ndarray]) ->
             x = next(self.it, None)
             return None if x is None else {"images": x}
 
-    quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # it logs one INFO line per rescaled bias
+    try:
+        quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True)
+    finally:
+        root.setLevel(level)
     return out
 
 

@@ -2,13 +2,19 @@
 sensitivity, partial) -> QAT with channel-wise distillation -> export (QDQ flavours) ->
 evaluation on every runtime -> latency -> ``report.md`` with plots.
 
-Each stage records its outputs and a fingerprint of its inputs in ``pipeline.json``; a re-run
-reuses a stage whose inputs are unchanged (an interrupted float training resumes from its
-``last.pt``), and ``force=("ptq",)`` redoes a stage (stages that consume its outputs then see
-changed inputs and run again too).
+Each stage records its result and a fingerprint of its input files in ``pipeline.json``; a re-run
+reuses a stage whose inputs are unchanged and whose outputs still exist (an interrupted float or
+QAT training resumes from its ``last.pt``), and ``force=("ptq",)`` redoes a stage (stages that
+consume its outputs then see changed inputs and run again too).
+
+``pipeline.variants``: ``base`` is the config as written; ``repopt`` is the same network built
+from plain RealVGG blocks and trained with RepOptimizer, whose branch scales come from a
+hyper-search run (LinearAdd blocks) that the pipeline trains first. Every later stage runs for
+each variant; the report puts them side by side.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -46,25 +52,32 @@ class Pipeline:
         self.state_path = self.dir / "pipeline.json"
         self.state: Dict[str, Any] = (json.loads(self.state_path.read_text())
                                       if self.state_path.exists() else {})
+        self.results: Dict[str, Any] = {}
+
+    def say(self, *args, **kwargs):
+        if self.verbose:
+            print(*args, **kwargs, flush=True)
 
     # -- stage bookkeeping -------------------------------------------------------------------
-    def run_stage(self, name: str, fn: Callable[[], Dict[str, Any]], inputs: Iterable = ()) -> Dict:
+    def run_stage(self, key: str, fn: Callable[[], Dict[str, Any]], inputs: Iterable = ()) -> Dict:
+        """Run ``fn`` (stage ``key``, e.g. ``ptq`` or ``ptq:repopt``) unless its recorded
+        result is still valid: same input fingerprint, outputs present, stage not forced."""
         inputs = list(inputs)
-        rec = self.state.get(name)
+        stage = key.split(":")[0]
+        rec = self.state.get(key)
         fp = _fingerprint(inputs)
-        outputs_ok = rec is not None and all(
-            Path(p).exists() for p in rec.get("files", []))
-        if name not in self.force and rec and rec.get("inputs") == fp and outputs_ok:
-            logger.info("[%s] reusing results from %s", name, self.state_path)
+        outputs_ok = rec is not None and all(Path(p).exists() for p in rec.get("files", []))
+        if stage not in self.force and rec and rec.get("inputs") == fp and outputs_ok:
+            self.say(f"[{key}] up to date (recorded in {self.state_path}); reusing")
             return rec["result"]
-        logger.info("[%s] running ...", name)
+        self.say(f"[{key}] running ...")
         t0 = time.time()
         result = fn()
         files = [str(v) for v in _walk_paths(result)]
-        self.state[name] = {"result": result, "inputs": _fingerprint(inputs), "files": files,
-                            "seconds": round(time.time() - t0, 1)}
+        self.state[key] = {"result": result, "inputs": _fingerprint(inputs), "files": files,
+                           "seconds": round(time.time() - t0, 1)}
         self._save()
-        logger.info("[%s] done in %.1f s", name, time.time() - t0)
+        self.say(f"[{key}] done in {time.time() - t0:.1f} s")
         return result
 
     def _save(self):
@@ -72,8 +85,55 @@ class Pipeline:
         tmp.write_text(json.dumps(self.state, indent=2, default=str))
         tmp.replace(self.state_path)
 
-    def seconds(self, name: str) -> Optional[float]:
-        return (self.state.get(name) or {}).get("seconds")
+    def seconds(self, key: str) -> Optional[float]:
+        return (self.state.get(key) or {}).get("seconds")
+
+    # -- driver ----------------------------------------------------------------------------------
+    @property
+    def variants(self) -> List[str]:
+        return [str(v) for v in self.cfg.pipeline.variants] or ["base"]
+
+    def run(self) -> Dict[str, Any]:
+        p = self.cfg.pipeline
+        t0 = time.time()
+        save_config(self.cfg, self.dir / "config.yaml")
+        data = self.run_stage("data", self.stage_data)
+        self.cfg.data.dataset = data["dataset"]
+        for v in self.variants:
+            k = _key
+            tr = self.run_stage(k("train", v), lambda: self.stage_train(v),
+                                [data["dataset"]] + ([p.float_weights] if p.float_weights else []))
+            ptq = self.run_stage(k("ptq", v), lambda: self.stage_ptq(v, tr), [tr["weights"]])
+            qat = None
+            if p.qat:
+                qat = self.run_stage(k("qat", v), lambda: self.stage_qat(v, tr, ptq),
+                                     [tr["weights"], ptq["full"]])
+            exp = self.run_stage(k("export", v), lambda: self.stage_export(v, tr, ptq, qat),
+                                 [tr["weights"], ptq["full"]] + ([qat["weights"]] if qat else []))
+            ev = self.run_stage(k("eval", v), lambda: self.stage_eval(v, tr, ptq, qat, exp),
+                                _eval_inputs(tr, ptq, qat, exp))
+            sp = self.run_stage(k("speed", v), lambda: self.stage_speed(v, tr, ptq, qat),
+                                [tr["weights"]] + ([qat["weights"]] if qat else [ptq["full"]]))
+            self.results[v] = {"train": tr, "ptq": ptq, "qat": qat, "export": exp, "eval": ev,
+                               "speed": sp}
+        report = self.stage_report()  # cheap: always rewritten from the recorded results
+        self.say(f"\npipeline finished in {time.time() - t0:.0f} s -> {report['report']}")
+        return {"dir": str(self.dir), "results": self.results, **report}
+
+    # -- configs -----------------------------------------------------------------------------
+    def _sub_cfg(self, overrides: List[str]):
+        from .config import apply_overrides
+        return apply_overrides(OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True)),
+                               overrides)
+
+    def vdir(self, variant: str) -> Path:
+        return self.dir if variant == "base" else self.dir / variant
+
+    def variant_cfg(self, variant: str):
+        if variant == "base":
+            return self._sub_cfg([])
+        return self._sub_cfg(["model.block=realvgg", "train.optimizer=repopt",
+                              f"model.scales={self.vdir(variant) / 'hs' / 'scales.pt'}"])
 
     # -- the stages ----------------------------------------------------------------------------
     def stage_data(self) -> Dict[str, Any]:
@@ -82,30 +142,66 @@ class Pipeline:
         data_yaml = Path(self.cfg.data.dataset)
         if syn is not None and not data_yaml.exists():
             from .data.synthetic import generate
-            out = generate(syn.out, n_train=syn.train, n_val=syn.val, size=syn.size, seed=syn.seed)
-            self.cfg.data.dataset = str(out)
+            self.say(f"[data] generating synthetic data: {syn.train} train + {syn.val} val "
+                     f"images, {syn.size} px -> {syn.out}")
+            spec = OmegaConf.to_container(syn.spec) if syn.spec else {}
+            out = generate(syn.out, n_train=syn.train, n_val=syn.val, size=syn.size,
+                           seed=syn.seed, **spec)
             data_yaml = Path(out)
         info = load_data_yaml(str(data_yaml))
         return {"dataset": str(data_yaml), "nc": info["nc"], "names": list(info["names"])}
 
-    def stage_train(self) -> Dict[str, Any]:
+    def _train_run(self, cfg, run: Path, label: str) -> None:
+        """Train ``cfg`` into ``run`` (resuming an interrupted run; nothing when complete)."""
         from .engine.checkpoint import load_checkpoint
         from .engine.train import train
-        cfg = self._sub_cfg(["train.output_dir=" + str(self.dir), "train.name=float",
-                             "train.exist_ok=true"])
-        run = self.dir / "float"
         last = run / "weights" / "last.pt"
         resume = None
-        if "train" in self.force and run.exists():
+        if "train" in self.force and run.exists() and not getattr(self, "_cleared", {}).get(run):
             shutil.rmtree(run)
+            self.__dict__.setdefault("_cleared", {})[run] = True
         elif last.exists():
             ck = load_checkpoint(last)
             if int(ck["epoch"]) + 1 >= int(cfg.train.epochs):
-                return self._train_result(run)
+                return
             resume = str(last)
-            logger.info("[train] resuming the interrupted float training from %s", last)
+            self.say(f"[{label}] resuming the interrupted training from {last}")
+        cfg = _with(cfg, [f"train.output_dir={run.parent}", f"train.name={run.name}",
+                          "train.exist_ok=true"])
         train(cfg, resume=resume)
-        return self._train_result(run)
+
+    def stage_train(self, variant: str) -> Dict[str, Any]:
+        vd = self.vdir(variant)
+        given = self.cfg.pipeline.float_weights
+        if given and variant == "base":
+            return self._given_weights(Path(given))
+        extra: Dict[str, Any] = {}
+        if variant == "repopt":
+            hs_epochs = self.cfg.pipeline.repopt_hs_epochs or self.cfg.train.epochs
+            hs_cfg = self._sub_cfg(["model.block=linearadd", f"train.epochs={hs_epochs}"])
+            self._train_run(hs_cfg, vd / "hs", "train:repopt hyper-search")
+            scales = vd / "hs" / "scales.pt"
+            if not scales.exists():
+                raise RuntimeError(f"{scales}: the hyper-search run wrote no scales file")
+            extra = {"scales": str(scales), "hs_results_csv": str(vd / "hs" / "results.csv")}
+        run = vd / "float"
+        self._train_run(self.variant_cfg(variant), run, _key("train", variant))
+        return {**self._train_result(run), **extra}
+
+    def _given_weights(self, path: Path) -> Dict[str, Any]:
+        """``pipeline.float_weights``: no training; an official or foreign checkpoint is
+        converted once into a yolo_q float checkpoint (what the later stages read)."""
+        from .config import config_to_dict
+        from .engine.checkpoint import load_model, save_checkpoint
+        if not path.is_file():
+            raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
+        model = load_model(path, cfg=self.cfg)
+        out = self.dir / "float" / "weights" / "float.pt"
+        save_checkpoint({"model": model.state_dict(), "config": config_to_dict(self.cfg),
+                         "epoch": -1, "source": str(path)}, out)
+        self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
+        return {"weights": str(out), "run_dir": str(out.parent.parent), "metrics": {},
+                "results_csv": str(out.parent.parent / "results.csv"), "source": str(path)}
 
     def _train_result(self, run: Path) -> Dict[str, Any]:
         from .engine.checkpoint import load_checkpoint
@@ -115,10 +211,201 @@ class Pipeline:
         return {"weights": str(weights), "run_dir": str(run), "metrics": _scalars(ck.get("metrics", {})),
                 "results_csv": str(run / "results.csv")}
 
-    def _sub_cfg(self, overrides: List[str]):
-        from .config import apply_overrides
-        return apply_overrides(OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True)),
-                               overrides)
+    def stage_ptq(self, variant: str, tr: Dict[str, Any]) -> Dict[str, Any]:
+        from .quant.ptq import run_ptq
+        p = self.cfg.pipeline
+        cfg = self.variant_cfg(variant)
+        out = self.vdir(variant) / "ptq"
+        methods = [str(m) for m in p.calib_methods] or [str(cfg.quant.calib)]
+        main = run_ptq(cfg, tr["weights"], calib=methods[0], sensitivity=bool(p.sensitivity),
+                       sensitivity_mode=str(p.sensitivity_mode), skip_top=p.skip_top,
+                       max_drop=None if p.skip_top is not None else p.max_drop,
+                       run_dir=out, out=out / "ptq_partial.pt", out_full=out / "ptq.pt",
+                       eval_images=p.eval_images, progress=self.verbose, verbose=self.verbose)
+        res = {"full": str(out / "ptq.pt"), "summary": str(out / "summary.json"),
+               "calib": methods[0], "float": main["float"], "ptq": main["ptq"],
+               "partial": main["partial"], "skip_layers": main["skip_layers"],
+               "quantized_layers": main["quantized_layers"],
+               "sensitivity": main.get("sensitivity"), "times": main["times"],
+               "calib_rows": [{"calib": methods[0], **_map(main["ptq"])}]}
+        if main["partial"] is not None:
+            res["partial_weights"] = str(out / "ptq_partial.pt")
+        if (out / "sensitivity.csv").exists():
+            res["sensitivity_csv"] = str(out / "sensitivity.csv")
+        for m in methods[1:]:  # other calibrators: mAP only
+            s = run_ptq(cfg, tr["weights"], calib=m, eval_images=p.eval_images,
+                        progress=False, verbose=False)
+            res["calib_rows"].append({"calib": m, **_map(s["ptq"])})
+            self.say(f"[ptq] calibrator {m}: mAP50-95 {s['ptq']['map50_95']:.4f}")
+        return res
+
+    def stage_qat(self, variant: str, tr: Dict[str, Any], ptq: Dict[str, Any]) -> Dict[str, Any]:
+        p = self.cfg.pipeline
+        runs = [("qat", bool(p.qat_distill))]
+        if p.qat_compare_no_distill and p.qat_distill:
+            runs.append(("qat_nocwd", False))
+        res: Dict[str, Any] = {}
+        for name, distill in runs:
+            s = self._qat_run(variant, tr, ptq, name, distill)
+            entry = {"weights": s["best"], "run_dir": s["run_dir"], "distill": distill,
+                     "metrics": s.get("qat"), "results_csv": str(Path(s["run_dir"]) / "results.csv")}
+            if name == "qat":
+                res.update(entry)
+            else:
+                res["no_distill"] = entry
+        return res
+
+    def _qat_run(self, variant, tr, ptq, name: str, distill: bool) -> Dict[str, Any]:
+        from .engine.checkpoint import load_checkpoint
+        from .quant.qat import qat_epochs, run_qat
+        run = self.vdir(variant) / name
+        cfg = self.variant_cfg(variant)
+        ov = [f"quant.qat.output_dir={run.parent}", f"train.name={run.name}",
+              "train.exist_ok=true", f"quant.distill.enabled={str(distill).lower()}"]
+        last = run / "weights" / "last.pt"
+        if "qat" in self.force and run.exists():
+            shutil.rmtree(run)
+        elif last.exists():
+            ck = load_checkpoint(last)
+            epochs = qat_epochs(_with(cfg, ov))
+            if int(ck["epoch"]) + 1 < epochs:
+                self.say(f"[{name}] resuming the interrupted QAT from {last}")
+                return run_qat(resume=str(last), overrides=ov, verbose=self.verbose)
+            best = run / "weights" / "best.pt"
+            best = best if best.exists() else last
+            return {"run_dir": str(run), "best": str(best),
+                    "qat": _scalars(load_checkpoint(best).get("metrics", {}))}
+        return run_qat(cfg, weights=ptq["full"], teacher=tr["weights"], overrides=ov,
+                       evaluate_start=False, verbose=self.verbose)
+
+    def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
+        """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;
+        the other flavours from a PTQ of the float model calibrated for that flavour."""
+        from .export.api import export_model
+        from .engine.checkpoint import load_checkpoint
+        cfg = self.variant_cfg(variant)
+        out = self.vdir(variant) / "export"
+        out.mkdir(parents=True, exist_ok=True)
+        size = int(cfg.data.img_size)
+        res = {"float": export_model(cfg, tr["weights"], flavour="float",
+                                     out=out / "float.onnx", img_size=size)["path"]}
+        final = qat["weights"] if qat else ptq["full"]
+        own = str(load_checkpoint(final)["quant"].get("flavour") or "onnxruntime")
+        res[f"int8_{own}"] = export_model(cfg, final, out=out / f"int8_{own}.onnx",
+                                          img_size=size)["path"]
+        res["int8_source"] = {own: "qat" if qat else "ptq"}
+        for fl in [str(f) for f in self.cfg.pipeline.flavours]:
+            if fl == own:
+                continue
+            from .quant.ptq import run_ptq
+            ck = out / f"ptq_{fl}.pt"
+            run_ptq(cfg, tr["weights"], flavour=fl, out=ck, eval_images=1, progress=False,
+                    verbose=False)
+            res[f"int8_{fl}"] = export_model(cfg, str(ck), out=out / f"int8_{fl}.onnx",
+                                             img_size=size)["path"]
+            res["int8_source"][fl] = "ptq"
+        return res
+
+    def stage_eval(self, variant, tr, ptq, qat, exp) -> Dict[str, Any]:
+        """mAP of every stage's model through every runtime on the same val images."""
+        from .eval.api import run_eval
+        p = self.cfg.pipeline
+        cfg = self.variant_cfg(variant)
+        out = self.vdir(variant) / "eval"
+        rows: List[Dict[str, Any]] = []
+        jobs = [("float", "torch FP32", "torch", tr["weights"]),
+                ("ptq", "torch fake-quant", "torch", ptq["full"])]
+        if ptq.get("partial_weights"):
+            jobs.append((f"partial ({len(ptq['skip_layers'])} float)", "torch fake-quant",
+                         "torch", ptq["partial_weights"]))
+        if qat and qat.get("no_distill"):
+            jobs.append(("qat", "torch fake-quant", "torch", qat["no_distill"]["weights"]))
+        if qat:
+            jobs.append(("qat+cwd" if qat["distill"] else "qat", "torch fake-quant", "torch",
+                         qat["weights"]))
+        jobs.append(("float", "ORT FP32", "onnxruntime", exp["float"]))
+        for fl, src in exp["int8_source"].items():
+            stage = "qat+cwd" if src == "qat" and qat and qat["distill"] else src
+            jobs.append((stage, f"ORT INT8 ({fl} flavour)", "onnxruntime", exp[f"int8_{fl}"]))
+        jobs.append(("float", "TensorRT FP16", "tensorrt", exp["float"]))
+        if "tensorrt" in exp["int8_source"]:
+            jobs.append((exp["int8_source"]["tensorrt"], "TensorRT INT8", "tensorrt",
+                         exp["int8_tensorrt"]))
+        for i, (stage, runtime, backend, src) in enumerate(jobs):
+            row = {"stage": stage, "runtime": runtime, "source": str(src)}
+            try:
+                kw = {"threads": int(p.threads)} if backend == "onnxruntime" else {}
+                if backend == "tensorrt":
+                    kw = {"int8": runtime.endswith("INT8")}
+                m = run_eval(cfg, backend, src, batch_size=int(p.eval_batch),
+                             max_images=p.eval_images, verbose=False,
+                             save_dir=str(out / f"{i:02d}_{_slug(stage)}_{_slug(runtime)}"), **kw)
+            except Exception as e:  # noqa: BLE001 - TensorRT missing: a reported skip
+                if backend != "tensorrt":
+                    raise
+                row["skipped"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                rows.append(row)
+                continue
+            row.update(_map(m), images=m.get("images"), seconds=m.get("seconds"),
+                       pr=str(out / f"{i:02d}_{_slug(stage)}_{_slug(runtime)}" / "pr_curves.npz"))
+            if not Path(row["pr"]).exists():
+                row.pop("pr")
+            rows.append(row)
+            self.say(f"[eval] {stage:<22} {runtime:<28} mAP50-95 {row['map50_95']:.4f}  "
+                     f"mAP50 {row['map50']:.4f}")
+        return {"rows": rows}
+
+    def stage_speed(self, variant, tr, ptq, qat) -> Dict[str, Any]:
+        from .benchmark import format_speed_table, speed_benchmark
+        p = self.cfg.pipeline
+        cfg = self.variant_cfg(variant)
+        final = qat["weights"] if qat else ptq["full"]
+        size = int(p.speed_img_size or cfg.data.img_size)
+        data_dir = Path(self.cfg.data.dataset).parent
+        calib = next((str(d) for d in (data_dir / "images" / "train", data_dir / "images")
+                      if d.is_dir()), None)
+        res = speed_benchmark(cfg, weights=tr["weights"], quant_weights=[final], img_size=size,
+                              batches=[int(b) for b in p.speed_batches], threads=int(p.threads),
+                              iters=int(p.speed_iters), iters_large=max(3, int(p.speed_iters) // 4),
+                              calib=calib, calib_num=16, log=lambda s: self.say(f"[speed] {s}"))
+        self.say(format_speed_table(res))
+        path = self.vdir(variant) / "speed.json"
+        path.write_text(json.dumps(res, indent=2, default=str))
+        return {"json": str(path), "rows": res["rows"], "notes": res.get("notes", []),
+                "cpu": res.get("cpu")}
+
+    def stage_report(self) -> Dict[str, Any]:
+        from .report import write_report
+        return write_report(self.dir, self.cfg, self.results, self.state)
+
+
+def _key(stage: str, variant: str) -> str:
+    return stage if variant == "base" else f"{stage}:{variant}"
+
+
+def _with(cfg, overrides: List[str]):
+    from .config import apply_overrides
+    return apply_overrides(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), overrides)
+
+
+def _eval_inputs(tr, ptq, qat, exp) -> List[str]:
+    files = [tr["weights"], ptq["full"]] + ([ptq["partial_weights"]] if ptq.get("partial_weights")
+                                            else [])
+    if qat:
+        files.append(qat["weights"])
+        if qat.get("no_distill"):
+            files.append(qat["no_distill"]["weights"])
+    files += [v for k, v in exp.items() if isinstance(v, str) and v.endswith(".onnx")]
+    return files
+
+
+def _map(m: Optional[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    m = m or {}
+    return {"map50_95": m.get("map50_95"), "map50": m.get("map50")}
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s.lower()).strip("_")
 
 
 def _walk_paths(obj) -> List[Path]:
@@ -129,10 +416,27 @@ def _walk_paths(obj) -> List[Path]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             out += _walk_paths(v)
-    elif isinstance(obj, str) and obj.endswith((".pt", ".onnx", ".csv", ".json", ".png", ".md")):
+    elif isinstance(obj, str) and " " not in obj and obj.endswith(
+            (".pt", ".onnx", ".csv", ".json", ".png", ".md", ".npz")):
         out.append(Path(obj))
     return out
 
 
 def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+    return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float, str))}
+
+
+def read_results_csv(path) -> List[Dict[str, Any]]:
+    """Rows of a trainer ``results.csv`` as numbers (empty cells -> None)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
+    return rows
+
+
+def run_pipeline(cfg, force: Iterable[str] = (), verbose: bool = True) -> Dict[str, Any]:
+    return Pipeline(cfg, force=force, verbose=verbose).run()

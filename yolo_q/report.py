@@ -100,3 +100,197 @@ def plot_pr(curves: Dict[str, Dict[str, Any]], path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------ pipeline report
+def _read_csv(path) -> List[Dict[str, Any]]:
+    import csv
+    p = Path(path) if path else None
+    if p is None or not p.exists():
+        return []
+    with p.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v if v not in ("", None) else None
+    return [{k: num(v) for k, v in r.items()} for r in rows]
+
+
+def _pct(v: Optional[float]) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def _delta(v: Optional[float], ref: Optional[float]) -> str:
+    return "" if v is None or ref is None else f"{100 * (v - ref):+.2f}"
+
+
+def map_table(rows: List[Dict[str, Any]]) -> str:
+    """The per-stage x runtime mAP table (markdown; mAP in %, change vs float torch)."""
+    ref = next((r.get("map50_95") for r in rows
+                if r["stage"] == "float" and r["runtime"].startswith("torch")), None)
+    out = ["| stage | runtime | mAP50-95 | mAP50 | Δ mAP50-95 vs float |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r.get("skipped"):
+            out.append(f"| {r['stage']} | {r['runtime']} | skipped: {r['skipped']} | | |")
+            continue
+        out.append(f"| {r['stage']} | {r['runtime']} | {_pct(r.get('map50_95'))} | "
+                   f"{_pct(r.get('map50'))} | {_delta(r.get('map50_95'), ref)} |")
+    return "\n".join(out)
+
+
+def summary_rows(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per variant: float / PTQ / partial / QAT mAP (torch) and ORT INT8 mAP, plus
+    ORT FP32 vs INT8 latency at the first batch size."""
+    out = []
+    for variant, res in results.items():
+        ev = res["eval"]["rows"]
+
+        def get(stage_prefix, runtime_prefix):
+            for r in ev:
+                if r["stage"].startswith(stage_prefix) and r["runtime"].startswith(runtime_prefix) \
+                        and not r.get("skipped"):
+                    return r.get("map50_95")
+            return None
+        own = next(iter(res["export"]["int8_source"]))
+        sp = {r["row"]: r for r in res["speed"]["rows"]
+              if r["batch"] == res["speed"]["rows"][0]["batch"]}
+        fp32 = sp.get("ort_fp32", {}).get("median_ms")
+        int8 = sp.get(f"ort_int8_{own}", {}).get("median_ms")
+        out.append({
+            "variant": variant, "float": get("float", "torch"), "ptq": get("ptq", "torch"),
+            "partial": get("partial", "torch"),
+            "partial_float_layers": len(res["ptq"].get("skip_layers") or []),
+            "qat": get("qat", "torch") if not (res.get("qat") or {}).get("distill") else
+            next((r.get("map50_95") for r in ev if r["stage"] == "qat"), None),
+            "qat_cwd": get("qat+cwd", "torch"),
+            "ort_fp32": get("float", "ORT FP32"), "ort_int8": get("qat+cwd", f"ORT INT8 ({own}")
+            or get("qat", f"ORT INT8 ({own}") or get("ptq", f"ORT INT8 ({own}"),
+            "ort_fp32_ms": fp32, "ort_int8_ms": int8,
+            "speedup": (fp32 / int8) if fp32 and int8 else None,
+            "batch": res["speed"]["rows"][0]["batch"] if res["speed"]["rows"] else None,
+            "img_size": res["speed"]["rows"][0]["img_size"] if res["speed"]["rows"] else None,
+        })
+    return out
+
+
+def format_summary(rows: List[Dict[str, Any]], markdown: bool = True) -> str:
+    """The headline table: mAP50-95 (%) per stage and ORT latency, one row per variant."""
+    heads = ["variant", "float", "PTQ", "partial PTQ", "QAT", "QAT+CWD", "ORT FP32",
+             "ORT INT8", "FP32 ms", "INT8 ms", "speed-up"]
+    body = []
+    for r in rows:
+        part = _pct(r["partial"])
+        if part:
+            part += f" ({r['partial_float_layers']} float)"
+        body.append([r["variant"], _pct(r["float"]), _pct(r["ptq"]), part, _pct(r["qat"]),
+                     _pct(r["qat_cwd"]), _pct(r["ort_fp32"]), _pct(r["ort_int8"]),
+                     "" if r["ort_fp32_ms"] is None else f"{r['ort_fp32_ms']:.1f}",
+                     "" if r["ort_int8_ms"] is None else f"{r['ort_int8_ms']:.1f}",
+                     "" if r["speedup"] is None else f"{r['speedup']:.2f}x"])
+    if markdown:
+        return "\n".join(["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"] +
+                         ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(heads)] + [line(b) for b in body])
+
+
+def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[str, Any]
+                 ) -> Dict[str, Any]:
+    """``report.md`` + PNG plots in ``out_dir`` from the pipeline's recorded stage results."""
+    import datetime
+
+    from omegaconf import OmegaConf
+
+    from .benchmark import cpu_line, format_speed_markdown
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    srows = summary_rows(results)
+    md = [f"# yolo_q pipeline report: {cfg.pipeline.name}", "",
+          f"Written {datetime.datetime.now().isoformat(timespec='seconds')}; model "
+          f"`{cfg.model.name}` ({cfg.model.block} blocks), data `{cfg.data.dataset}`, "
+          f"{cfg.data.img_size} px, {cfg.train.epochs} float epochs. mAP in %, on the "
+          f"validation set{'' if not cfg.pipeline.eval_images else f' (first {cfg.pipeline.eval_images} images)'}.",
+          "", "## Summary", "", format_summary(srows), ""]
+    first_speed = next(iter(results.values()))["speed"]
+    if first_speed.get("cpu"):
+        md += [f"Latency: ONNX Runtime, batch {srows[0]['batch']}, {srows[0]['img_size']} px, "
+               f"{cfg.pipeline.threads} threads, {cpu_line(first_speed['cpu'])}.", ""]
+    figs: Dict[str, str] = {}
+    for variant, res in results.items():
+        md += [f"## Variant `{variant}`", ""]
+        tr, ptq, qat = res["train"], res["ptq"], res.get("qat")
+        if tr.get("scales"):
+            md += [f"RepOpt: plain RealVGG blocks trained with RepOptimizer; branch scales from "
+                   f"the hyper-search run (`{tr['scales']}`).", ""]
+        md += ["### mAP per stage and runtime", "", map_table(res["eval"]["rows"]), ""]
+        ev_rows = [r for r in res["eval"]["rows"] if not r.get("skipped")]
+        seen, bars = set(), []
+        for r in ev_rows:
+            label = f"{r['stage']}\n{r['runtime']}"
+            if label not in seen:
+                seen.add(label)
+                bars.append({"stage": label.replace("\n", " / "), "map50_95": r.get("map50_95"),
+                             "map50": r.get("map50")})
+        figs[f"map_{variant}"] = str(plot_map_per_stage(bars, plots / f"map_per_stage_{variant}.png"))
+        # PTQ details
+        md += ["### PTQ", "", f"{ptq['quantized_layers']} quantized layers. Calibrators "
+               f"(all layers INT8, torch fake-quant):", "",
+               md_table(["calibrator", "mAP50-95", "mAP50"],
+                        [[c["calib"], _pct(c.get("map50_95")), _pct(c.get("map50"))]
+                         for c in ptq.get("calib_rows", [])]), ""]
+        if ptq.get("skip_layers") is not None and ptq.get("partial") is not None:
+            md += [f"Partial quantization (`max_drop` {cfg.pipeline.max_drop} points / "
+                   f"`skip_top` {cfg.pipeline.skip_top}): {len(ptq['skip_layers'])} layer(s) "
+                   f"kept float: {', '.join(f'`{s}`' for s in ptq['skip_layers']) or 'none'}.", ""]
+        sens = _read_csv(ptq.get("sensitivity_csv"))
+        if sens:
+            key = "exact_drop" if sens[0].get("exact_drop") not in (None, "") else "proxy_score"
+            md += [f"Most sensitive layers (`{key}`; full ranking in `{ptq['sensitivity_csv']}`):",
+                   "", md_table(["rank", "layer", "proxy score", "exact drop"],
+                                [[int(r["rank"]), r["layer"], r.get("proxy_score"),
+                                  r.get("exact_drop")] for r in sens[:10]]), ""]
+            s = ptq.get("sensitivity") or {}
+            if s.get("spearman") is not None:
+                md += [f"Proxy vs exact: Spearman {s['spearman']:.3f}, proxy "
+                       f"{s.get('speedup') or 0:.1f}x faster.", ""]
+            figs[f"sens_{variant}"] = str(plot_sensitivity(
+                [{"layer": r["layer"], "score": r.get(key)} for r in sens],
+                plots / f"sensitivity_{variant}.png", key=key, top=30))
+        # curves
+        curves = {"float": _read_csv(tr.get("results_csv"))}
+        if tr.get("hs_results_csv"):
+            curves["hyper-search"] = _read_csv(tr["hs_results_csv"])
+        if qat:
+            curves["QAT" + ("+CWD" if qat.get("distill") else "")] = _read_csv(qat["results_csv"])
+            if qat.get("no_distill"):
+                curves["QAT"] = _read_csv(qat["no_distill"]["results_csv"])
+        figs[f"curves_{variant}"] = str(plot_curves(curves, plots / f"curves_{variant}.png"))
+        pr = {}
+        for r in ev_rows:
+            if r.get("pr") and Path(r["pr"]).exists():
+                z = np.load(r["pr"])
+                pr[f"{r['stage']} / {r['runtime']}"] = {"recall": z["recall"], "mean": z["mean"]}
+        p = plot_pr(pr, plots / f"pr_{variant}.png")
+        if p:
+            figs[f"pr_{variant}"] = str(p)
+        md += ["### Latency", "", format_speed_markdown(res["speed"]), ""]
+        md += [f"- note: {n}" for n in res["speed"].get("notes", [])] + [""]
+        md += ["### Plots", ""]
+        for k in ("map", "sens", "curves", "pr"):
+            f = figs.get(f"{k}_{variant}")
+            if f:
+                md.append(f"![{k}]({Path(f).relative_to(out_dir).as_posix()})")
+        md.append("")
+    md += ["## Stage times", "", md_table(["stage", "seconds"],
+                                          [[k, v.get("seconds")] for k, v in state.items()]), "",
+           "## Resolved config", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md), encoding="utf-8")
+    return {"report": str(path), "summary": srows, "table": format_summary(srows, markdown=False),
+            "plots": figs}

@@ -130,7 +130,10 @@ def validate_choices(cfg: DictConfig, source: str = "config") -> None:
     """Check the string options that take one of a fixed set of values."""
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
-        if value not in choices:
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        for value in values:
+            if value in choices:
+                continue
             close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: invalid value '{value}' for '{key}'; "

@@ -7,7 +7,7 @@ merged onto the structured config (see :mod:`yolo_q.config.loader`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -205,6 +205,7 @@ class SyntheticConfig:
     val: int = 200
     size: int = 320
     seed: int = 0
+    spec: Dict[str, Any] = field(default_factory=dict)  # SyntheticSpec overrides (min_size, ...)
 
 
 @dataclass
@@ -224,6 +225,16 @@ class PipelineConfig:
     speed_iters: int = 20
     threads: int = 2
     eval_batch: int = 16
+    eval_images: Optional[int] = None  # evaluate on the first N validation images (None: all)
+    speed_img_size: Optional[int] = None  # latency table input size (None: data.img_size)
+    qat_compare_no_distill: bool = False  # also run QAT without distillation (one more row)
+    # "base": the config as written; "repopt": the same network as plain RealVGG blocks trained
+    # with RepOptimizer from the scales of a hyper-search (LinearAdd) run of repopt_hs_epochs.
+    variants: List[str] = field(default_factory=lambda: ["base"])
+    repopt_hs_epochs: Optional[int] = None  # None: train.epochs
+    # an existing float checkpoint (yolo_q, official YOLOv6 or state dict): the base variant
+    # skips float training and quantizes this model
+    float_weights: Optional[str] = None
 
 
 @dataclass
@@ -249,4 +260,7 @@ CHOICES = {
     "quant.calib": ("max", "percentile", "mse", "entropy"),
     "export.flavour": ("float", "tensorrt", "onnxruntime"),
     "pipeline.sensitivity_mode": ("proxy", "exact", "both"),
+    "pipeline.calib_methods": ("max", "percentile", "mse", "entropy"),
+    "pipeline.flavours": ("tensorrt", "onnxruntime"),
+    "pipeline.variants": ("base", "repopt"),
 }

@@ -234,7 +234,7 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
             max_search_steps: Optional[int] = None, out=None, run_dir=None,
             flavour: Optional[str] = None, integer_check: bool = False,
             eval_images: Optional[int] = None, device: Optional[str] = "cpu",
-            progress: bool = True, verbose: bool = True) -> Dict[str, Any]:
+            progress: bool = True, verbose: bool = True, out_full=None) -> Dict[str, Any]:
     """Post-training quantization of the float checkpoint ``float_weights``.
 
     Args:
@@ -253,6 +253,9 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
             (0.3 -> 0.003 mAP50-95); see :func:`yolo_q.quant.partial.search_max_drop`
             (``max_search_steps`` caps its evaluations).
         out: checkpoint path (default ``run_dir/ptq.pt``; nothing is written without either).
+            With partial quantization it holds the partial model.
+        out_full: also save the all-layers-quantized model here (the usual QAT starting point
+            when ``out`` holds a partial model).
         integer_check: also report :func:`yolo_q.quant.integer_check` per layer.
         eval_images: evaluate on the first N validation images only (default: all).
     Returns a summary dict (metrics, settings, timings, paths, ``table``).
@@ -366,6 +369,14 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
     if chosen:  # the saved config rebuilds the same partial model
         base = [str(s) for s in (q.skip_layers or [])]
         q.skip_layers = base + [s for s in chosen if s not in base]
+    if out_full is not None:
+        full_cfg = config_to_dict(cfg)
+        full_cfg["quant"]["skip_layers"] = [str(s) for s in (q.skip_layers or []) if s not in chosen]
+        save_checkpoint({"model": qmodel.state_dict(), "config": full_cfg,
+                         "quant": quant_state(qmodel),
+                         "ptq": jsonable(dict(ptq_info, partial=None, skip_layers=[])),
+                         "skip_layers": []}, out_full)
+        files["checkpoint_full"] = str(out_full)
     if out is not None:
         save_checkpoint({"model": final.state_dict(), "config": config_to_dict(cfg),
                          "quant": quant_state(final), "ptq": jsonable(ptq_info),

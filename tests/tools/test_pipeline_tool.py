@@ -1,0 +1,122 @@
+"""Smoke test: tools/pipeline.py end to end on a tiny config (both variants), then a re-run that
+reuses every stage, then --force of one stage."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from yolo_q.config import ConfigError, load_config
+
+TINY = """\
+_base_: {repo}/configs/yolov6n.yaml
+model: {{nc: 8, width_multiple: 0.125}}
+data: {{dataset: {tmp}/data/synthetic.yaml, img_size: 64, workers: 0, cache_labels: false,
+       augment: {{mosaic: 0.0}}}}
+train: {{epochs: 2, batch_size: 8, nominal_batch: 8, device: cpu, progress_bar: false,
+        tensorboard: false, lr0: 0.02, warmup_epochs: 0}}
+eval: {{batch_size: 8}}
+quant: {{calib_batches: 2, sensitivity_images: 8, sensitivity_proxy_images: 4, qat: {{epochs: 1}}}}
+pipeline:
+  name: tiny
+  output_dir: {tmp}/runs
+  synthetic: {{out: {tmp}/data, train: 16, val: 8, size: 64, seed: 1,
+              spec: {{min_size: 0.3, max_size: 0.5, small_fraction: 0.0, max_objects: 2,
+                     max_distractors: 0}}}}
+  variants: [base, repopt]
+  repopt_hs_epochs: 1
+  calib_methods: [percentile, max]
+  speed_iters: 2
+  speed_batches: [1]
+  eval_batch: 8
+"""
+
+
+def run(repo_root, *args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(repo_root / "tools" / "pipeline.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.format(repo=repo_root, tmp=tmp_path))
+    r = run(repo_root, "--config", cfg, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out_dir = tmp_path / "runs" / "tiny"
+
+    # the final table: one row per variant with every stage's mAP and the ORT latencies
+    table = r.stdout[r.stdout.index("mAP50-95 (%) per stage"):]
+    for head in ("float", "PTQ", "partial PTQ", "QAT+CWD", "ORT FP32", "ORT INT8", "speed-up"):
+        assert head in table
+    rows = {line.split()[0]: line for line in table.splitlines()[2:4]}
+    assert set(rows) == {"base", "repopt"}
+    assert all(line.rstrip().endswith("x") for line in rows.values())  # a measured speed-up
+
+    # data generated, both variants trained (RepOpt from hyper-search scales), every stage recorded
+    assert (tmp_path / "data" / "synthetic.yaml").is_file()
+    assert (out_dir / "repopt" / "hs" / "scales.pt").is_file()
+    state = json.loads((out_dir / "pipeline.json").read_text())
+    for v in ("", ":repopt"):
+        for stage in ("train", "ptq", "qat", "export", "eval", "speed"):
+            assert stage + v in state, (stage + v, sorted(state))
+    ev = state["eval"]["result"]["rows"]
+    runtimes = {(e["stage"], e["runtime"]) for e in ev}
+    assert ("float", "torch FP32") in runtimes and ("float", "ORT FP32") in runtimes
+    assert ("qat+cwd", "ORT INT8 (onnxruntime flavour)") in runtimes
+    assert ("ptq", "ORT INT8 (tensorrt flavour)") in runtimes
+    trt = [e for e in ev if e["runtime"].startswith("TensorRT")]
+    assert trt and all("skipped" in e or e.get("map50_95") is not None for e in trt)
+    for e in ev:
+        if not e.get("skipped"):
+            assert 0.0 <= e["map50_95"] <= 1.0
+    # torch float and ORT FP32 of the same weights agree (same pre/post-processing)
+    m = {(e["stage"], e["runtime"]): e.get("map50_95") for e in ev}
+    assert abs(m[("float", "torch FP32")] - m[("float", "ORT FP32")]) < 0.05
+    assert [c["calib"] for c in state["ptq"]["result"]["calib_rows"]] == ["percentile", "max"]
+
+    # report with plots and the resolved config
+    report = (out_dir / "report.md").read_text()
+    for part in ("## Summary", "### mAP per stage and runtime", "### PTQ", "### Latency",
+                 "## Resolved config", "Variant `repopt`"):
+        assert part in report
+    for name in ("map_per_stage_base", "sensitivity_base", "curves_base", "pr_base",
+                 "map_per_stage_repopt", "curves_repopt"):
+        png = out_dir / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"plots/{name}.png" in report
+    assert (out_dir / "config.yaml").is_file()
+
+    # a re-run reuses every stage
+    r2 = run(repo_root, "--config", cfg, cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "running ..." not in r2.stdout, r2.stdout[-3000:]
+    assert r2.stdout.count("up to date") == 13  # data + 6 stages x 2 variants
+
+    # --force eval redoes the evaluations only
+    r3 = run(repo_root, "--config", cfg, "--force", "eval", cwd=tmp_path)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "[eval] running" in r3.stdout and "[eval:repopt] running" in r3.stdout
+    assert "[train] up to date" in r3.stdout and "[speed] up to date" in r3.stdout
+
+
+def test_pipeline_errors(repo_root, tmp_path):
+    r = run(repo_root, "--config", repo_root / "configs" / "demo.yaml", "--force", "trian",
+            cwd=tmp_path)
+    assert r.returncode == 2 and "trian" in r.stderr
+    with pytest.raises(ConfigError, match="pipeline.variants"):
+        load_config(repo_root / "configs" / "demo.yaml", ["pipeline.variants=[base,repot]"])
+    r = run(repo_root, "--config", repo_root / "configs" / "demo.yaml",
+            "pipeline.float_weights=missing.pt", f"pipeline.output_dir={tmp_path}/runs",
+            "pipeline.synthetic.train=16", "pipeline.synthetic.val=4",
+            f"pipeline.synthetic.out={tmp_path}/data", f"data.dataset={tmp_path}/data/synthetic.yaml",
+            cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "missing.pt" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["demo", "benchmark", "coco128", "synthetic320"])
+def test_pipeline_configs_load(repo_root, name):
+    cfg = load_config(repo_root / "configs" / f"{name}.yaml")
+    assert cfg.pipeline.name and cfg.data.dataset
