@@ -374,6 +374,16 @@ class Pipeline:
         return {"json": str(path), "rows": res["rows"], "notes": res.get("notes", []),
                 "cpu": res.get("cpu")}
 
+    def recorded_results(self) -> Dict[str, Dict[str, Any]]:
+        """The per-variant stage results recorded in ``pipeline.json`` (what the report reads)."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for v in self.variants:
+            rec = {s: (self.state.get(_key(s, v)) or {}).get("result")
+                   for s in ("train", "ptq", "qat", "export", "eval", "speed")}
+            if all(rec[s] is not None for s in ("train", "ptq", "export", "eval", "speed")):
+                out[v] = rec
+        return out
+
     def stage_report(self) -> Dict[str, Any]:
         from .report import write_report
         return write_report(self.dir, self.cfg, self.results, self.state)

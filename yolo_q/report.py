@@ -55,13 +55,18 @@ def plot_sensitivity(rows: List[Dict[str, Any]], path: Path, key: str = "score",
     return path
 
 
-def plot_curves(runs: Dict[str, List[Dict[str, Any]]], path: Path) -> Path:
-    """Loss and mAP per epoch for each run (rows from results.csv)."""
+def plot_curves(runs: Dict[str, List[Dict[str, Any]]], path: Path,
+                offsets: Optional[Dict[str, float]] = None) -> Path:
+    """Loss and mAP per epoch for each run (rows from results.csv); ``offsets`` shifts a run's
+    epochs (QAT continues after the float epochs)."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    offsets = offsets or {}
     for name, rows in runs.items():
         if not rows:
             continue
+        off = offsets.get(name, 0)
+        rows = [dict(r, epoch=r["epoch"] + off) for r in rows]
         ep = [r["epoch"] for r in rows]
         loss_keys = [k for k in rows[0] if k not in ("epoch", "lr", "bad_steps", "seconds",
                                                       "map50_95", "map50")]
@@ -222,6 +227,7 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
         md += [f"Latency: ONNX Runtime, batch {srows[0]['batch']}, {srows[0]['img_size']} px, "
                f"{cfg.pipeline.threads} threads, {cpu_line(first_speed['cpu'])}.", ""]
     figs: Dict[str, str] = {}
+    plot_data: Dict[str, Any] = {}  # the numbers behind the plots (for tests and callers)
     for variant, res in results.items():
         md += [f"## Variant `{variant}`", ""]
         tr, ptq, qat = res["train"], res["ptq"], res.get("qat")
@@ -259,8 +265,9 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
             if s.get("spearman") is not None:
                 md += [f"Proxy vs exact: Spearman {s['spearman']:.3f}, proxy "
                        f"{s.get('speedup') or 0:.1f}x faster.", ""]
+            plot_data[f"sens_{variant}"] = [float(r.get(key) or 0) for r in sens[:30]]
             figs[f"sens_{variant}"] = str(plot_sensitivity(
-                [{"layer": r["layer"], "score": r.get(key)} for r in sens],
+                [{"layer": r["layer"], key: r.get(key)} for r in sens],
                 plots / f"sensitivity_{variant}.png", key=key, top=30))
         # curves
         curves = {"float": _read_csv(tr.get("results_csv"))}
@@ -270,7 +277,12 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
             curves["QAT" + ("+CWD" if qat.get("distill") else "")] = _read_csv(qat["results_csv"])
             if qat.get("no_distill"):
                 curves["QAT"] = _read_csv(qat["no_distill"]["results_csv"])
-        figs[f"curves_{variant}"] = str(plot_curves(curves, plots / f"curves_{variant}.png"))
+        n_float = len(curves["float"])
+        offsets = {k: n_float for k in curves if k.startswith("QAT")}
+        figs[f"curves_{variant}"] = str(plot_curves(curves, plots / f"curves_{variant}.png",
+                                                    offsets))
+        plot_data[f"curves_{variant}"] = {k: [r["epoch"] + offsets.get(k, 0) for r in v]
+                                          for k, v in curves.items()}
         pr = {}
         for r in ev_rows:
             if r.get("pr") and Path(r["pr"]).exists():
@@ -293,4 +305,4 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
     path = out_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return {"report": str(path), "summary": srows, "table": format_summary(srows, markdown=False),
-            "plots": figs}
+            "plots": figs, "plot_data": plot_data}

@@ -88,6 +88,19 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
         assert f"plots/{name}.png" in report
     assert (out_dir / "config.yaml").is_file()
 
+    # the numbers behind the plots: real sensitivity scores; QAT continues after the float epochs
+    from yolo_q.pipeline import Pipeline
+    from yolo_q.report import write_report
+    pipe = Pipeline(load_config(cfg), verbose=False)
+    results = pipe.recorded_results()
+    assert set(results) == {"base", "repopt"}
+    rep = write_report(tmp_path / "report_again", pipe.cfg, results, pipe.state)
+    sens = rep["plot_data"]["sens_base"]
+    assert len(sens) > 10 and max(sens) > 0 and sens == sorted(sens, reverse=True)
+    curves = rep["plot_data"]["curves_base"]
+    assert curves["float"] == [1, 2] and curves["QAT+CWD"] == [3]
+    assert "hyper-search" in rep["plot_data"]["curves_repopt"]
+
     # a re-run reuses every stage
     r2 = run(repo_root, "--config", cfg, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
