@@ -8,7 +8,7 @@
 import argparse
 
 from yolo_q.cli import run_tool
-from yolo_q.eval.api import config_for, run_eval
+from yolo_q.eval.api import backend_from_args, config_for, run_eval
 
 
 def get_args_parser():
@@ -40,15 +40,10 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
     cfg = config_for(args.weights, args.config, args.overrides)
-    if args.weights:
-        backend, source, kw = "torch", args.weights, {}
-    elif args.onnx:
-        backend, source, kw = "onnxruntime", args.onnx, {"threads": args.threads}
-    else:
-        if not args.trt:
-            raise ValueError("--trt needs an engine or ONNX path here (e.g. --trt model_int8.onnx)")
-        backend, source = "tensorrt", args.trt
-        kw = {"fp16": True, "int8": True if args.int8 else None}
+    if not (args.weights or args.onnx or args.trt):
+        raise ValueError("--trt needs an engine or ONNX path here (e.g. --trt model_int8.onnx)")
+    backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads,
+                                            int8=True if args.int8 else None)
     res = run_eval(cfg, backend, source, batch_size=args.batch, img_size=args.imgsz,
                    data=args.data, conf=args.conf, iou=args.iou, max_det=args.max_det,
                    half=args.half, save_json=args.save_json, save_dir=args.save_dir,

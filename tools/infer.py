@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from yolo_q.cli import run_tool
-from yolo_q.eval.api import config_for
+from yolo_q.eval.api import backend_from_args, config_for
 from yolo_q.eval.infer import run_inference
 
 
@@ -45,12 +45,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
     cfg = config_for(args.weights, args.config, args.overrides)
-    if args.weights:
-        backend, source, kw = "torch", args.weights, {}
-    elif args.onnx:
-        backend, source, kw = "onnxruntime", args.onnx, {"threads": args.threads}
-    else:
-        backend, source, kw = "tensorrt", args.trt, {"fp16": True}
+    backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads)
     out = args.out or str(Path("runs/infer") / (Path(args.source).stem or "source"))
     res = run_inference(cfg, backend, source, args.source, out, img_size=args.imgsz,
                         conf_thres=args.conf, iou_thres=args.iou, max_det=args.max_det,

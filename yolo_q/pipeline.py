@@ -14,7 +14,6 @@ each variant; the report puts them side by side.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import shutil
@@ -53,6 +52,7 @@ class Pipeline:
         self.state: Dict[str, Any] = (json.loads(self.state_path.read_text())
                                       if self.state_path.exists() else {})
         self.results: Dict[str, Any] = {}
+        self._cleared: set = set()  # run dirs removed by --force train in this invocation
 
     def say(self, *args, **kwargs):
         if self.verbose:
@@ -157,9 +157,9 @@ class Pipeline:
         from .engine.train import train
         last = run / "weights" / "last.pt"
         resume = None
-        if "train" in self.force and run.exists() and not getattr(self, "_cleared", {}).get(run):
+        if "train" in self.force and run.exists() and run not in self._cleared:
             shutil.rmtree(run)
-            self.__dict__.setdefault("_cleared", {})[run] = True
+            self._cleared.add(run)
         elif last.exists():
             ck = load_checkpoint(last)
             if int(ck["epoch"]) + 1 >= int(cfg.train.epochs):
@@ -434,18 +434,6 @@ def _walk_paths(obj) -> List[Path]:
 
 def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in (d or {}).items() if isinstance(v, (int, float, str))}
-
-
-def read_results_csv(path) -> List[Dict[str, Any]]:
-    """Rows of a trainer ``results.csv`` as numbers (empty cells -> None)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with path.open(newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
-    return rows
 
 
 def run_pipeline(cfg, force: Iterable[str] = (), verbose: bool = True) -> Dict[str, Any]:

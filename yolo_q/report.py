@@ -109,6 +109,7 @@ def plot_pr(curves: Dict[str, Dict[str, Any]], path: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------ pipeline report
 def _read_csv(path) -> List[Dict[str, Any]]:
+    """A CSV with text and number columns (sensitivity.csv) as dicts; [] when absent."""
     import csv
     p = Path(path) if path else None
     if p is None or not p.exists():
@@ -122,6 +123,13 @@ def _read_csv(path) -> List[Dict[str, Any]]:
         except (TypeError, ValueError):
             return v if v not in ("", None) else None
     return [{k: num(v) for k, v in r.items()} for r in rows]
+
+
+def _curve(path) -> List[Dict[str, Any]]:
+    """A trainer's results.csv (:func:`yolo_q.engine.hooks.read_results_csv`); [] when absent
+    (e.g. ``pipeline.float_weights``: no float training)."""
+    from .engine.hooks import read_results_csv
+    return read_results_csv(path) if path and Path(path).exists() else []
 
 
 def _pct(v: Optional[float]) -> str:
@@ -153,10 +161,11 @@ def summary_rows(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     for variant, res in results.items():
         ev = res["eval"]["rows"]
 
-        def get(stage_prefix, runtime_prefix):
+        def get(stage, runtime_prefix):
+            """mAP50-95 of the eval row of ``stage`` ("partial": its "partial (k float)" row)."""
             for r in ev:
-                if r["stage"].startswith(stage_prefix) and r["runtime"].startswith(runtime_prefix) \
-                        and not r.get("skipped"):
+                name = "partial" if r["stage"].startswith("partial") else r["stage"]
+                if name == stage and r["runtime"].startswith(runtime_prefix) and not r.get("skipped"):
                     return r.get("map50_95")
             return None
         own = next(iter(res["export"]["int8_source"]))
@@ -168,8 +177,7 @@ def summary_rows(results: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
             "variant": variant, "float": get("float", "torch"), "ptq": get("ptq", "torch"),
             "partial": get("partial", "torch"),
             "partial_float_layers": len(res["ptq"].get("skip_layers") or []),
-            "qat": get("qat", "torch") if not (res.get("qat") or {}).get("distill") else
-            next((r.get("map50_95") for r in ev if r["stage"] == "qat"), None),
+            "qat": get("qat", "torch"),
             "qat_cwd": get("qat+cwd", "torch"),
             "ort_fp32": get("float", "ORT FP32"), "ort_int8": get("qat+cwd", f"ORT INT8 ({own}")
             or get("qat", f"ORT INT8 ({own}") or get("ptq", f"ORT INT8 ({own}"),
@@ -270,13 +278,13 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
                 [{"layer": r["layer"], key: r.get(key)} for r in sens],
                 plots / f"sensitivity_{variant}.png", key=key, top=30))
         # curves
-        curves = {"float": _read_csv(tr.get("results_csv"))}
+        curves = {"float": _curve(tr.get("results_csv"))}
         if tr.get("hs_results_csv"):
-            curves["hyper-search"] = _read_csv(tr["hs_results_csv"])
+            curves["hyper-search"] = _curve(tr["hs_results_csv"])
         if qat:
-            curves["QAT" + ("+CWD" if qat.get("distill") else "")] = _read_csv(qat["results_csv"])
+            curves["QAT" + ("+CWD" if qat.get("distill") else "")] = _curve(qat["results_csv"])
             if qat.get("no_distill"):
-                curves["QAT"] = _read_csv(qat["no_distill"]["results_csv"])
+                curves["QAT"] = _curve(qat["no_distill"]["results_csv"])
         n_float = len(curves["float"])
         offsets = {k: n_float for k in curves if k.startswith("QAT")}
         figs[f"curves_{variant}"] = str(plot_curves(curves, plots / f"curves_{variant}.png",
