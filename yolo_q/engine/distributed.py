@@ -7,6 +7,7 @@ Launch with ``torchrun --nproc_per_node N tools/train.py ...``; :func:`init_dist
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Dict, NamedTuple, Optional
 
@@ -63,8 +64,17 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
 
 
 def cleanup() -> None:
+    """Leave the process group. After a normal run all ranks meet at a barrier first: a rank
+    that destroys the group while a peer's last collective is still in flight makes gloo abort
+    the process ("terminate called without an active exception", seen once in the 2-process
+    DDP test). When an exception is propagating (called from a ``finally``) there is no
+    barrier: the peers may never reach it."""
     if is_dist():
-        dist.destroy_process_group()
+        try:
+            if sys.exc_info()[0] is None:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def resolve_device(spec: str = "auto", local_rank: Optional[int] = None) -> torch.device:
