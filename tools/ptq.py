@@ -4,6 +4,7 @@ keep the most sensitive layers float.
     python tools/ptq.py --config configs/demo.yaml --weights runs/train/demo/weights/best.pt
     python tools/ptq.py --config configs/demo.yaml --weights best.pt --calib entropy --per-tensor-weights
     python tools/ptq.py --config configs/demo.yaml --weights best.pt --sensitivity --sensitivity-mode both
+    python tools/ptq.py --config configs/demo.yaml --weights best.pt --sensitivity --sensitivity-mode both --sensitivity-gain 16
     python tools/ptq.py --config configs/demo.yaml --weights best.pt --skip-top 3
     python tools/ptq.py --config configs/demo.yaml --weights best.pt --max-drop 0.3 quant.sensitivity_images=100
 
@@ -36,6 +37,10 @@ def get_args_parser():
     p.add_argument("--sensitivity-mode", choices=("proxy", "exact", "both"), default="proxy",
                    help="proxy: output error on calibration images (fast); exact: COCO mAP on "
                         "quant.sensitivity_images val images; both: also speed-up and Spearman")
+    p.add_argument("--sensitivity-gain", type=float, default=None, metavar="G",
+                   help="multiply the probed layer's INT8 error by G during the analysis "
+                        "(default quant.sensitivity_gain, 1): lifts single-layer effects above "
+                        "the mAP noise of a small val subset; partial search stays real INT8")
     p.add_argument("--all-but", action="store_true",
                    help="exact mode: also measure 'all layers but this one quantized'")
     part = p.add_mutually_exclusive_group()
@@ -74,6 +79,7 @@ def main(argv=None):
                       max_search_steps=args.max_steps, out=args.out,
                       run_dir=run_dir, flavour=args.flavour, integer_check=args.integer_check,
                       eval_images=args.eval_images, device=args.device,
+                      sensitivity_gain=args.sensitivity_gain,
                       progress=not args.no_progress)
     print(f"checkpoint: {summary['files']['checkpoint']}  (summary: {summary['files']['summary']})")
     return 0

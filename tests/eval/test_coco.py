@@ -222,3 +222,26 @@ def test_load_class_map(tmp_path):
     p.write_text("0 1 2\n")
     with pytest.raises(ValueError, match="map.txt:1"):
         load_class_map(p)
+
+
+def test_summarize_image_subset_equals_evaluating_those_images_alone():
+    ds = synthetic_ds()
+    shifts = {10: 0.0, 11: 0.1, 12: 0.3, 13: 0.05}
+    ev = COCOEvaluator(ds)
+    for i, s in shifts.items():
+        ev.add(i, gt_dets(ds, ds.image_ids.index(i), shift=s))
+    assert ev.evaluated_ids == [10, 11, 12, 13]
+    whole = ev.summarize()["map50_95"]
+    for subset in ([10, 12], [11, 13], [12]):
+        alone = COCOEvaluator(ds)
+        for i in subset:
+            alone.add(i, gt_dets(ds, ds.image_ids.index(i), shift=shifts[i]))
+        ref = alone.summarize()
+        got = ev.summarize(image_ids=subset)
+        assert got["map50_95"] == pytest.approx(ref["map50_95"]) and got["num_images"] == len(subset)
+        assert [r["num_gt"] for r in got["per_class"]] == [r["num_gt"] for r in ref["per_class"]]
+    # the two halves differ (image 12 is shifted most) and bracket the whole set
+    a, b = ev.summarize(image_ids=[10, 12])["map50_95"], ev.summarize(image_ids=[11, 13])["map50_95"]
+    assert a < b and a < whole < b
+    with pytest.raises(KeyError, match="99"):
+        ev.summarize(image_ids=[10, 99])

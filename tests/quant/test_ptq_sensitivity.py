@@ -9,8 +9,10 @@ import torch
 from test_ptq_fixtures import setup
 from yolo_q.quant import quantize_model, quantize_only, quantized_layers
 from yolo_q.quant.ptq import make_map_fn
-from yolo_q.quant.sensitivity import (IncrementalRunner, detection_output_error, format_table,
-                                      rankdata, save_report, sensitivity_analysis, spearman)
+from yolo_q.quant.sensitivity import (IncrementalRunner, amplified_error, detection_output_error,
+                                      format_table, proxy_sensitivity, rankdata, save_report,
+                                      sensitivity_analysis, spearman, split_half_reliability)
+from yolo_q.quant.tensor_quantizer import TensorQuantizer
 
 
 def test_rank_statistics_hand_computed(monkeypatch):
@@ -68,8 +70,12 @@ def test_sensitivity_both_modes_rank_all_layers(tmp_path):
     cfg, fused, batches, val_ds, val_batches = setup()
     cfg.quant.num_bits = 4  # fake-quant only; makes single-layer drops measurable on 4 images
     q = quantize_model(fused, cfg, batches, progress=False)
-    evaluate = make_map_fn(cfg, val_ds, val_batches[:1])  # 4 images: 72 evaluations
+    evaluate = make_map_fn(cfg, val_ds, val_batches[:1], halves=True)  # 4 images: 72 evaluations
     float_m, ptq_m = evaluate(fused), evaluate(q)
+    # the halves are the even- and odd-numbered images, evaluated on the same detections
+    for k, half in enumerate(float_m["map50_95_halves"]):
+        alone = make_map_fn(cfg, val_ds, [_images(val_batches[0], [k, k + 2])])(fused)
+        assert half == pytest.approx(alone["map50_95"]) and alone["images"] == 2
     assert float_m["map50_95"] > 0.9  # pseudo GT = the float model's detections
     enabled = {n: t.enabled for n, t in q.named_modules() if hasattr(t, "_amax")}
     rep = sensitivity_analysis(q, proxy_batches=[batches[0]], evaluate_fn=evaluate, mode="both",
@@ -91,9 +97,15 @@ def test_sensitivity_both_modes_rank_all_layers(tmp_path):
     top = rep["layers"][layers.index(rep["ranking"][0])]
     assert top["exact_drop"] == max(drops)
     assert top["exact_drop"] == pytest.approx(float_m["map50_95"] - top["exact_map50_95"])
+    # split-half reliability of the exact ranking
+    assert -1 <= rep["exact_split_half"] <= 1 and rep["gain"] == 1.0
+    if rep["exact_split_half"] > -1:
+        r = rep["exact_split_half"]
+        assert rep["exact_reliability"] == pytest.approx(2 * r / (1 + r))
     # table and files
     table = format_table(rep)
     assert rep["ranking"][0] in table.splitlines()[1] and "Spearman" in table
+    assert "split-half reliability" in table
     files = save_report(rep, tmp_path)
     rows = list(csv.DictReader(open(files["csv"])))
     assert [r["layer"] for r in rows] == rep["ranking"]
@@ -126,3 +138,60 @@ def test_sensitivity_all_but_and_errors():
         sensitivity_analysis(q, mode="exact")
     with pytest.raises(KeyError, match="did you mean"):
         sensitivity_analysis(q, [batches[0]], layers=["backbone.stem.rbr_reparamm"])
+
+
+def _images(batch, idx):
+    """The images ``idx`` of a val batch ``(imgs, targets, paths, shapes)``, targets renumbered."""
+    imgs, targets, paths, shapes = batch[:4]
+    keep = [t for t in targets if int(t[0]) in idx]
+    new = [torch.cat([torch.tensor([float(idx.index(int(t[0])))]), t[1:]]) for t in keep]
+    targets = torch.stack(new) if new else targets[:0]
+    return imgs[idx], targets, [paths[i] for i in idx], [shapes[i] for i in idx]
+
+
+def test_error_gain_scales_the_quantization_error():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5) * 3
+    q = TensorQuantizer(num_bits=8)
+    q.amax = 4.0  # clips part of x: clipping error is scaled as well
+    y1 = q(x)
+    q.error_gain = 16.0
+    torch.testing.assert_close(q(x) - x, 16.0 * (y1 - x), rtol=1e-5, atol=1e-5)
+    inside = x.abs() < 4  # both kinds of error are present: rounding inside, clipping outside
+    assert (y1 - x)[inside].abs().max() > 0 and (y1 - x)[~inside].abs().max() > 1
+    # amplified_error sets every quantizer of a model and restores it, even on errors
+    cfg, fused, batches, _, _ = setup()
+    qm = quantize_model(fused, cfg, batches, progress=False)
+    quantizers = [m for m in qm.modules() if isinstance(m, TensorQuantizer)]
+    with amplified_error(qm, 4):
+        assert {t.error_gain for t in quantizers} == {4.0}
+    assert {t.error_gain for t in quantizers} == {1.0}
+    for bad in (0, -2, float("nan")):
+        with pytest.raises(ValueError, match="gain"):
+            with amplified_error(qm, bad):
+                pass
+    assert {t.error_gain for t in quantizers} == {1.0}
+
+
+def test_proxy_grows_with_error_gain_and_keeps_its_order():
+    cfg, fused, batches, _, _ = setup()
+    q = quantize_model(fused, cfg, batches, progress=False)
+    layers = quantized_layers(q)[::6]
+    s1 = proxy_sensitivity(q, [batches[0]], layers, progress=False)
+    s8 = proxy_sensitivity(q, [batches[0]], layers, progress=False, gain=8)
+    assert all(s8[n] > 2 * s1[n] > 0 for n in layers)  # roughly linear in the error
+    assert spearman([s1[n] for n in layers], [s8[n] for n in layers]) > 0.8
+    assert proxy_sensitivity(q, [batches[0]], layers, progress=False) == s1  # gain restored
+
+
+def test_split_half_reliability_hand_computed():
+    # drops on half A: 0.1, 0.3, 0.2; half B: 0.15, 0.35, 0.05 -> ranks (1,3,2) vs (2,3,1)
+    rel = split_half_reliability([0.5, 0.6], [[0.4, 0.45], [0.2, 0.25], [0.3, 0.55]])
+    assert rel["split_half"] == pytest.approx(0.5)
+    assert rel["reliability"] == pytest.approx(2 * 0.5 / 1.5)
+    assert rel["ceiling"] == pytest.approx(math.sqrt(2 / 3))
+    same = split_half_reliability([0.5, 0.5], [[0.4, 0.4], [0.2, 0.2], [0.3, 0.3]])
+    assert same == {"split_half": pytest.approx(1.0), "reliability": pytest.approx(1.0),
+                    "ceiling": pytest.approx(1.0)}
+    noise = split_half_reliability([0.5, 0.5], [[0.4, 0.2], [0.2, 0.4], [0.3, 0.3]])
+    assert noise["split_half"] == pytest.approx(-1.0) and math.isnan(noise["reliability"])

@@ -18,7 +18,8 @@ def run(repo_root, *args, cwd):
 def test_ptq_tool_sensitivity_skip_top_then_eval(repo_root, tmp_path):
     weights = float_checkpoint()  # config (tiny data, quant.* sizes) stored inside
     r = run(repo_root, repo_root / "tools/ptq.py", "--weights", weights, "--sensitivity",
-            "--skip-top", "1", "--integer-check", "--project", tmp_path / "runs", "--name", "t",
+            "--skip-top", "1", "--integer-check", "--sensitivity-gain", "4",
+            "--project", tmp_path / "runs", "--name", "t",
             "--no-progress", "quant.calib=max", cwd=tmp_path)  # from another directory
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "runs" / "t"
@@ -27,6 +28,7 @@ def test_ptq_tool_sensitivity_skip_top_then_eval(repo_root, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["calib"] == "max" and len(summary["skip_layers"]) == 1
     assert summary["skip_layers"] == summary["sensitivity"]["ranking"][:1]
+    assert summary["sensitivity"]["gain"] == 4.0 and "error gain 4" in r.stdout
     # side-by-side table, ranked sensitivity table, integer check
     out = r.stdout
     assert re.search(r"^float\s+[\d.]+\s+[\d.]+", out, re.M)
@@ -60,6 +62,11 @@ def test_ptq_tool_errors_and_help(repo_root, tmp_path, capsys):
                               str(tmp_path), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "missing.pt" in err[0]
+    rc = run_tool(tool.main, ["--weights", str(float_checkpoint()), "--sensitivity",
+                              "--sensitivity-gain", "0", "--project", str(tmp_path),
+                              "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: quant.sensitivity_gain must be a positive number, got 0.0"]
     with pytest.raises(SystemExit) as e:
         tool.get_args_parser().parse_intermixed_args(["--weights", "x.pt", "--skip-top", "1",
                                                       "--max-drop", "0.3"])

@@ -173,6 +173,9 @@ class QuantConfig:
     skip_layers: List[str] = field(default_factory=list)
     sensitivity_images: int = 64  # val images per exact sensitivity / max-drop evaluation
     sensitivity_proxy_images: int = 8  # calibration images for the sensitivity proxy
+    # sensitivity analysis only: the probed layer's quantization error x this (1 = plain INT8;
+    # > 1 lifts single-layer mAP changes above the val subset's noise, see quant/sensitivity.py)
+    sensitivity_gain: float = 1.0
     qat: QATConfig = field(default_factory=QATConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 

@@ -301,6 +301,11 @@ class COCOEvaluator:
     def num_images(self) -> int:
         return len(self._dets)
 
+    @property
+    def evaluated_ids(self) -> List[int]:
+        """Ids of the images added since the last reset, sorted."""
+        return sorted(self._dets)
+
     def results(self) -> List[Dict[str, Any]]:
         """Predictions in COCO results format (bbox ``[x, y, w, h]`` rounded to 3 decimals,
         score to 5)."""
@@ -332,8 +337,10 @@ class COCOEvaluator:
                    num_detections=0, backend=self.backend, note=reason)
         return res
 
-    def summarize(self, per_class: bool = True, pr_curves: bool = True) -> Dict[str, Any]:
-        """Run COCOeval over the images added so far.
+    def summarize(self, per_class: bool = True, pr_curves: bool = True,
+                  image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+        """Run COCOeval over the images added so far (``image_ids``: only these of them, e.g.
+        one half of the set for a split-half check; ids that were not added raise KeyError).
 
         Returns ``map50_95``, ``map50`` and the other 11 named COCO stats (see STAT_NAMES),
         ``stats`` (the 12 numbers as a list), ``per_class`` (list of dicts: class, category_id,
@@ -342,18 +349,28 @@ class COCOEvaluator:
         NaN rows for classes without GT, ``mean (101,)``, ``classes``, ``names``),
         ``num_images``, ``num_detections``, ``backend``. No images or no detections gives
         all-zero stats."""
-        if not self._dets:
+        if image_ids is None:
+            img_ids = self.evaluated_ids
+        else:
+            img_ids = sorted({int(i) for i in image_ids})
+            missing = [i for i in img_ids if i not in self._dets]
+            if missing:
+                raise KeyError(f"summarize: image ids {missing[:5]} have no added detections")
+        if not img_ids:
             res = self._empty_summary("no images were evaluated")
-        elif not any(d.shape[0] for d in self._dets.values()):
+        elif not any(self._dets[i].shape[0] for i in img_ids):
             res = self._empty_summary("no detections")
         else:
-            res = self._run_cocoeval(per_class, pr_curves)
+            res = self._run_cocoeval(per_class, pr_curves, img_ids)
         self.last_summary = res
         return res
 
-    def _run_cocoeval(self, per_class: bool, pr_curves: bool) -> Dict[str, Any]:
+    def _run_cocoeval(self, per_class: bool, pr_curves: bool,
+                      img_ids: List[int]) -> Dict[str, Any]:
         results = self.results()
-        img_ids = sorted(self._dets)
+        if len(img_ids) < len(self._dets):
+            keep = set(img_ids)
+            results = [r for r in results if r["image_id"] in keep]
         buf = io.StringIO()
         try:
             with _quiet(self.verbose):
@@ -374,7 +391,7 @@ class COCOEvaluator:
                 self.coco_gt = self._COCO()
                 self.coco_gt.dataset = self.gt_dict
                 self.coco_gt.createIndex()
-            return self._run_cocoeval(per_class, pr_curves)
+            return self._run_cocoeval(per_class, pr_curves, img_ids)
         self.last_table = buf.getvalue()
         if self.verbose:
             print(self.last_table, end="")
@@ -385,9 +402,10 @@ class COCOEvaluator:
         precision = np.asarray(ev.eval["precision"])  # (T, R, K, A, M)
         cat_ids = [int(c) for c in ev.params.catIds]
         if per_class:
+            id_set = set(img_ids)
             num_gt: Dict[int, int] = {}
             for a in self.gt_dict["annotations"]:
-                if a.get("iscrowd", 0) or int(a["image_id"]) not in self._dets:
+                if a.get("iscrowd", 0) or int(a["image_id"]) not in id_set:
                     continue
                 num_gt[int(a["category_id"])] = num_gt.get(int(a["category_id"]), 0) + 1
             rows = []

@@ -16,6 +16,7 @@ Quantized checkpoint (loads with ``torch.load(weights_only=True)``)::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -110,9 +111,12 @@ def cached_val_batches(loader, max_images: int) -> List[tuple]:
 
 
 def make_map_fn(cfg, val_ds, batches, max_images: Optional[int] = None, progress: bool = False,
-                desc: Optional[str] = None) -> Callable[[nn.Module], Dict[str, float]]:
+                desc: Optional[str] = None, halves: bool = False
+                ) -> Callable[[nn.Module], Dict[str, float]]:
     """``fn(model) -> {"map50_95", "map50", "images", "seconds"}``: COCO mAP (yolo_q.eval) on
-    ``batches`` (a loader or a list of batches; the first ``max_images`` images)."""
+    ``batches`` (a loader or a list of batches; the first ``max_images`` images). ``halves``:
+    also ``map50_95_halves``, mAP50-95 of the same detections on the even- and the odd-numbered
+    images separately (the split-half reliability check of exact sensitivity)."""
     from ..eval import COCOEvaluator, evaluate
 
     evaluator = COCOEvaluator.from_dataset(val_ds)
@@ -122,8 +126,14 @@ def make_map_fn(cfg, val_ds, batches, max_images: Optional[int] = None, progress
         src = cached_val_batches(batches, max_images) if max_images else batches
         res = evaluate(model, src, evaluator, conf_thres=e.conf_thres, iou_thres=e.iou_thres,
                        max_det=e.max_det, progress=progress, desc=desc)
-        return {"map50_95": float(res["map50_95"]), "map50": float(res["map50"]),
-                "images": int(res["images"]), "seconds": float(res["seconds"])}
+        out = {"map50_95": float(res["map50_95"]), "map50": float(res["map50"]),
+               "images": int(res["images"]), "seconds": float(res["seconds"])}
+        if halves:
+            ids = evaluator.evaluated_ids
+            out["map50_95_halves"] = [
+                float(evaluator.summarize(False, False, image_ids=ids[k::2])["map50_95"])
+                for k in (0, 1)]
+        return out
     return fn
 
 
@@ -172,9 +182,14 @@ def _device(spec: Optional[str]) -> torch.device:
     return torch.device(spec)
 
 
-def _resolved_cfg(cfg, calib, per_tensor_weights, flavour):
+def _resolved_cfg(cfg, calib, per_tensor_weights, flavour, sensitivity_gain=None):
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # private copy
     q = cfg.quant
+    if sensitivity_gain is not None:
+        q.sensitivity_gain = float(sensitivity_gain)
+    if not (float(q.sensitivity_gain) > 0 and math.isfinite(float(q.sensitivity_gain))):
+        raise ValueError(f"quant.sensitivity_gain must be a positive number, got "
+                         f"{q.sensitivity_gain}")
     if calib is not None:
         q.calib = calib
     if per_tensor_weights:
@@ -198,16 +213,19 @@ def _sensitivity(qmodel, float_model, cfg, batches, val_ds, val_loader, mode, al
     from . import sensitivity as sens
 
     q = cfg.quant
-    eval_sub = make_map_fn(cfg, val_ds, cached_val_batches(val_loader, int(q.sensitivity_images)))
+    eval_sub = make_map_fn(cfg, val_ds, cached_val_batches(val_loader, int(q.sensitivity_images)),
+                           halves=mode != "proxy")
     sub_float, sub_ptq = eval_sub(float_model), eval_sub(qmodel)
     proxy_imgs = torch.cat(batches)[:max(1, int(q.sensitivity_proxy_images))]
+    gain = float(q.sensitivity_gain)
     report = sens.sensitivity_analysis(qmodel, proxy_batches=[proxy_imgs], evaluate_fn=eval_sub,
                                        mode=mode, all_but=all_but, float_metrics=sub_float,
-                                       ptq_metrics=sub_ptq, progress=progress)
+                                       ptq_metrics=sub_ptq, progress=progress, gain=gain)
     report.update(subset_images=sub_float["images"], calib=q.calib,
                   per_channel_weights=bool(q.per_channel_weights))
-    say(f"\nsensitivity ({mode}; exact/max-drop on {sub_float['images']} val images: float "
-        f"{sub_float['map50_95']:.4f}, PTQ {sub_ptq['map50_95']:.4f})")
+    say(f"\nsensitivity ({mode}{f', error gain {gain:g}' if gain != 1 else ''}; exact/max-drop "
+        f"on {sub_float['images']} val images: float {sub_float['map50_95']:.4f}, "
+        f"PTQ {sub_ptq['map50_95']:.4f})")
     say(sens.format_table(report), end="")
     if run_dir is not None:
         files.update({k: str(v) for k, v in sens.save_report(report, run_dir).items()})
@@ -234,13 +252,14 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
             max_search_steps: Optional[int] = None, out=None, run_dir=None,
             flavour: Optional[str] = None, integer_check: bool = False,
             eval_images: Optional[int] = None, device: Optional[str] = "cpu",
-            progress: bool = True, verbose: bool = True, out_full=None) -> Dict[str, Any]:
+            progress: bool = True, verbose: bool = True, out_full=None,
+            sensitivity_gain: Optional[float] = None) -> Dict[str, Any]:
     """Post-training quantization of the float checkpoint ``float_weights``.
 
     Args:
         cfg: full config (``quant``, ``data``, ``eval`` sections are used).
-        calib / per_tensor_weights / flavour: override ``quant.calib`` /
-            ``quant.per_channel_weights`` / ``quant.flavour``.
+        calib / per_tensor_weights / flavour / sensitivity_gain: override ``quant.calib`` /
+            ``quant.per_channel_weights`` / ``quant.flavour`` / ``quant.sensitivity_gain``.
         sensitivity: run the per-layer sensitivity analysis (``sensitivity_mode``: proxy, exact
             or both; ``all_but`` adds the all-but-this-layer measurement) on
             ``quant.sensitivity_images`` validation images (the proxy on
@@ -273,7 +292,7 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
         raise ValueError("--skip-top and --max-drop are mutually exclusive")
     if sensitivity_mode not in MODES:
         raise ValueError(f"sensitivity mode '{sensitivity_mode}' is not one of {MODES}")
-    cfg = _resolved_cfg(cfg, calib, per_tensor_weights, flavour)
+    cfg = _resolved_cfg(cfg, calib, per_tensor_weights, flavour, sensitivity_gain)
     q = cfg.quant
     dev = _device(device)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -386,8 +405,9 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
         files["config"] = str(save_config(cfg, run_dir / "config.yaml"))
         files["summary"] = str(run_dir / "summary.json")
     times["total"] = time.perf_counter() - t_all
-    sens_keys = ("mode", "rank_by", "ranking", "proxy_seconds", "exact_seconds",
-                 "all_but_seconds", "speedup", "spearman", "proxy_images", "subset_images")
+    sens_keys = ("mode", "gain", "rank_by", "ranking", "proxy_seconds", "exact_seconds",
+                 "all_but_seconds", "speedup", "spearman", "exact_split_half",
+                 "exact_reliability", "spearman_ceiling", "proxy_images", "subset_images")
     summary = dict(ptq_info, subset_float=sub_float, subset_ptq=sub_ptq,
                    drop_points=100 * (float_m["map50_95"] - ptq_m["map50_95"]),
                    partial_drop_points=(100 * (float_m["map50_95"] - partial_m["map50_95"])

@@ -15,6 +15,21 @@ both on a calibrated model (:func:`yolo_q.quant.calibrate`):
 :func:`sensitivity_analysis` runs either or both, ranks the layers (most sensitive first), records
 the time each mode took, the speed-up and the Spearman rank correlation between proxy and exact;
 :func:`format_table` / :func:`save_report` give the ranked table and the CSV/JSON files.
+
+**Is the exact ranking real?** When ``evaluate_fn`` also returns ``map50_95_halves`` (mAP of the
+same detections on two disjoint halves of the subset, :func:`yolo_q.quant.ptq.make_map_fn`
+``halves=True``), the report carries the *split-half reliability*: the Spearman correlation of
+the per-layer drops measured on one half with those on the other (``exact_split_half``), its
+Spearman-Brown value for the whole subset (``exact_reliability`` = 2r / (1 + r)) and the highest
+Spearman any proxy can reach against that noisy ranking (``spearman_ceiling`` =
+sqrt(reliability)). A single INT8 layer often moves mAP by less than a few hundred validation
+images resolve; the ranking is then noise, and so is any correlation with it.
+
+**Error gain** (``gain``, ``quant.sensitivity_gain``): the probed layer's quantization error,
+the same INT8 rounding and clipping error, is multiplied by ``gain`` (``x + gain * (q(x) - x)``,
+see :class:`~yolo_q.quant.tensor_quantizer.TensorQuantizer`), which lifts per-layer effects
+above the mAP noise floor while keeping each layer's error pattern. Only the analysis uses it;
+partial quantization then evaluates real INT8 models.
 """
 from __future__ import annotations
 
@@ -112,6 +127,22 @@ class _LeafTracer(fx.Tracer):
 
 
 @contextmanager
+def amplified_error(model: nn.Module, gain: float = 1.0):
+    """Multiply every quantizer's error by ``gain`` inside the block (restored afterwards)."""
+    gain = float(gain)
+    if not gain > 0 or not math.isfinite(gain):
+        raise ValueError(f"sensitivity gain must be a positive number, got {gain}")
+    saved = [(q, q.error_gain) for q in all_quantizers(model).values()]
+    try:
+        for q, _ in saved:
+            q.error_gain = gain
+        yield
+    finally:
+        for q, g in saved:
+            q.error_gain = g
+
+
+@contextmanager
 def _saved_quant_modes(model: nn.Module):
     """Restore every quantizer's enabled/disabled flag afterwards."""
     saved = [(q, q.enabled) for q in all_quantizers(model).values()]
@@ -172,10 +203,11 @@ class IncrementalRunner:
 
 
 def proxy_sensitivity(model: nn.Module, batches: Iterable, layers: Optional[Sequence[str]] = None,
-                      metric: Callable = detection_output_error, progress: bool = True
-                      ) -> Dict[str, float]:
+                      metric: Callable = detection_output_error, progress: bool = True,
+                      gain: float = 1.0) -> Dict[str, float]:
     """Proxy score per layer (higher = more sensitive): ``metric(output with only that layer
-    quantized, float output)`` summed over ``batches`` (image tensors or loader tuples).
+    quantized, float output)`` summed over ``batches`` (image tensors or loader tuples), with
+    the layer's quantization error times ``gain`` (:func:`amplified_error`).
     ``model`` must be calibrated; quantizer modes are restored afterwards."""
     from tqdm import tqdm
 
@@ -188,7 +220,7 @@ def proxy_sensitivity(model: nn.Module, batches: Iterable, layers: Optional[Sequ
     was_training = model.training
     model.eval()
     try:
-        with _saved_quant_modes(model):
+        with _saved_quant_modes(model), amplified_error(model, gain):
             bar = tqdm(total=len(xs) * len(layers), desc="sensitivity [proxy]", leave=False,
                        disable=not progress)
             for x in xs:
@@ -207,15 +239,17 @@ def proxy_sensitivity(model: nn.Module, batches: Iterable, layers: Optional[Sequ
 # ------------------------------------------------------------------------------ exact
 def exact_sensitivity(model: nn.Module, evaluate_fn: Callable[[nn.Module], dict],
                       layers: Optional[Sequence[str]] = None, all_but: bool = False,
-                      progress: bool = True) -> Dict[str, dict]:
+                      progress: bool = True, gain: float = 1.0) -> Dict[str, dict]:
     """``{layer: metrics}`` where ``metrics = evaluate_fn(model)`` (a dict with ``map50_95`` and
-    ``map50``) with only that layer quantized, or (``all_but``) every layer but that one.
-    ``model`` must be calibrated; quantizer modes are restored afterwards."""
+    ``map50``) with only that layer quantized, or (``all_but``) every layer but that one; the
+    quantization error is multiplied by ``gain`` (:func:`amplified_error`).
+    ``model`` must be calibrated; quantizer modes are restored afterwards. ``metrics`` keeps
+    ``map50_95_halves`` when ``evaluate_fn`` returns it."""
     from tqdm import tqdm
 
     layers = quantized_layers(model) if layers is None else _check_names(model, layers)
     out: Dict[str, dict] = {}
-    with _saved_quant_modes(model):
+    with _saved_quant_modes(model), amplified_error(model, gain):
         bar = tqdm(layers, desc=f"sensitivity [{'all-but' if all_but else 'exact'}]",
                    leave=False, disable=not progress)
         for name in bar:
@@ -227,7 +261,23 @@ def exact_sensitivity(model: nn.Module, evaluate_fn: Callable[[nn.Module], dict]
                 quantize_only(model, [name])
             m = evaluate_fn(model)
             out[name] = {"map50_95": float(m["map50_95"]), "map50": float(m["map50"])}
+            if "map50_95_halves" in m:
+                out[name]["map50_95_halves"] = [float(v) for v in m["map50_95_halves"]]
     return out
+
+
+def split_half_reliability(float_halves: Sequence[float], layer_halves: Sequence[Sequence[float]]
+                           ) -> dict:
+    """How well exact drops reproduce: ``split_half`` = Spearman of the per-layer drops measured
+    on one half of the images vs the other; ``reliability`` = its Spearman-Brown value for the
+    whole set, ``2 r / (1 + r)``; ``ceiling`` = sqrt(reliability), the largest correlation a
+    perfect proxy can show against the measured (noisy) ranking. NaN where undefined."""
+    a = [float_halves[0] - h[0] for h in layer_halves]
+    b = [float_halves[1] - h[1] for h in layer_halves]
+    r = spearman(a, b)
+    rel = 2 * r / (1 + r) if math.isfinite(r) and r > -1 else math.nan
+    ceiling = math.sqrt(rel) if math.isfinite(rel) and rel > 0 else (0.0 if rel <= 0 else math.nan)
+    return {"split_half": r, "reliability": rel, "ceiling": ceiling}
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -266,7 +316,8 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
                          evaluate_fn: Optional[Callable[[nn.Module], dict]] = None,
                          mode: str = "proxy", all_but: bool = False,
                          float_metrics: Optional[dict] = None, ptq_metrics: Optional[dict] = None,
-                         layers: Optional[Sequence[str]] = None, progress: bool = True) -> dict:
+                         layers: Optional[Sequence[str]] = None, progress: bool = True,
+                         gain: float = 1.0) -> dict:
     """Rank the quantized layers of a calibrated ``model`` by sensitivity.
 
     ``mode``: ``proxy`` (needs ``proxy_batches``), ``exact`` (needs ``evaluate_fn`` and
@@ -278,7 +329,11 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
     ``all_but_map50_95``, ``all_but_gain``, ``all_but_rank``, and ``rank``), ``ranking`` (names,
     most sensitive first; by exact drop when measured, else by proxy), ``rank_by``,
     ``proxy_seconds``, ``exact_seconds``, ``speedup`` (exact / proxy time), ``spearman``
-    (proxy vs exact drop) and the inputs' metrics.
+    (proxy vs exact drop), ``gain`` and the inputs' metrics; with ``map50_95_halves`` in the
+    exact metrics (and in ``float_metrics``) also ``exact_split_half``, ``exact_reliability``
+    and ``spearman_ceiling`` (:func:`split_half_reliability`). ``gain`` multiplies the probed
+    layer's quantization error in the proxy and the single-layer exact runs (the all-but runs
+    stay at plain INT8, comparable with ``ptq_metrics``).
     """
     if mode not in MODES:
         raise ValueError(f"sensitivity mode '{mode}' is not one of {MODES}")
@@ -286,8 +341,10 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
     if not names:
         raise ValueError("sensitivity_analysis: the model has no quantized layers")
     report: dict = {"mode": mode, "num_layers": len(names), "float": float_metrics,
-                    "ptq": ptq_metrics, "proxy_seconds": None, "exact_seconds": None,
-                    "all_but_seconds": None, "speedup": None, "spearman": None}
+                    "ptq": ptq_metrics, "gain": float(gain), "proxy_seconds": None,
+                    "exact_seconds": None, "all_but_seconds": None, "speedup": None,
+                    "spearman": None, "exact_split_half": None, "exact_reliability": None,
+                    "spearman_ceiling": None}
     rows = [{"layer": n, "index": i} for i, n in enumerate(names)]
     by_name = {r["layer"]: r for r in rows}
     proxy = exact = None
@@ -295,7 +352,7 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
         if not proxy_batches:
             raise ValueError("proxy sensitivity needs calibration batches")
         t0 = time.perf_counter()
-        proxy = proxy_sensitivity(model, proxy_batches, names, progress=progress)
+        proxy = proxy_sensitivity(model, proxy_batches, names, progress=progress, gain=gain)
         report["proxy_seconds"] = time.perf_counter() - t0
         report["proxy_images"] = int(sum(_num_images(b) for b in proxy_batches))
         for n, r in _descending_ranks(names, proxy).items():
@@ -304,10 +361,15 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
         if evaluate_fn is None or not float_metrics:
             raise ValueError("exact sensitivity needs evaluate_fn and the float metrics")
         t0 = time.perf_counter()
-        res = exact_sensitivity(model, evaluate_fn, names, progress=progress)
+        res = exact_sensitivity(model, evaluate_fn, names, progress=progress, gain=gain)
         report["exact_seconds"] = time.perf_counter() - t0
         base = float(float_metrics["map50_95"])
         exact = {n: base - res[n]["map50_95"] for n in names}
+        if "map50_95_halves" in float_metrics and all("map50_95_halves" in res[n] for n in names):
+            rel = split_half_reliability(float_metrics["map50_95_halves"],
+                                         [res[n]["map50_95_halves"] for n in names])
+            report.update(exact_split_half=rel["split_half"], exact_reliability=rel["reliability"],
+                          spearman_ceiling=rel["ceiling"])
         for n, r in _descending_ranks(names, exact).items():
             by_name[n].update(exact_map50_95=res[n]["map50_95"], exact_map50=res[n]["map50"],
                               exact_drop=exact[n], exact_rank=r)
@@ -368,6 +430,8 @@ def format_table(report: dict, top: Optional[int] = None) -> str:
                      f" {_fmt(None if gain is None else 100 * gain, '8.2f')}")
         lines.append(line)
     foot = [f"ranked by {report['rank_by']}; {report['num_layers']} layers"]
+    if report.get("gain", 1.0) != 1.0:
+        foot.append(f"error gain {report['gain']:g}")
     for k in ("proxy", "exact", "all_but"):
         if report.get(f"{k}_seconds") is not None:
             foot.append(f"{k.replace('_', '-')} {report[f'{k}_seconds']:.1f} s")
@@ -375,6 +439,9 @@ def format_table(report: dict, top: Optional[int] = None) -> str:
         foot.append(f"proxy speed-up {report['speedup']:.1f}x")
     if report.get("spearman") is not None:
         foot.append(f"Spearman(proxy, exact drop) {report['spearman']:.3f}")
+    if report.get("exact_reliability") is not None:
+        foot.append(f"exact split-half reliability {report['exact_reliability']:.3f} "
+                    f"(a proxy can reach at most {report['spearman_ceiling']:.3f})")
     return "\n".join(lines + ["; ".join(foot)]) + "\n"
 
 
@@ -397,6 +464,6 @@ def save_report(report: dict, out_dir) -> Dict[str, Path]:
     return {"csv": csv_path, "json": json_path}
 
 
-__all__ = ["MODES", "IncrementalRunner", "detection_output_error", "exact_sensitivity",
-           "format_table", "jsonable", "proxy_sensitivity", "rankdata", "save_report",
-           "sensitivity_analysis", "spearman"]
+__all__ = ["MODES", "IncrementalRunner", "amplified_error", "detection_output_error",
+           "exact_sensitivity", "format_table", "jsonable", "proxy_sensitivity", "rankdata",
+           "save_report", "sensitivity_analysis", "spearman", "split_half_reliability"]

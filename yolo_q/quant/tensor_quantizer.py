@@ -16,6 +16,10 @@ unsigned                    0..2^b-1              0           amax/(2^b-1)
 activation uint8, so its QLinear kernels fuse). Modes, pytorch-quantization style: *calibrate*
 (``enable_calib(); disable_quant()``: collect statistics, pass through), *quantize* (default),
 *disabled* (``disable()``: pass through). ``_amax`` is a buffer (``-1`` = not calibrated).
+
+``error_gain`` (sensitivity analysis only, never saved or exported): the output becomes
+``x + error_gain * (fake_quant(x) - x)``, i.e. this quantizer's own rounding and clipping error,
+the same realization, scaled (1 = plain fake quantization).
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ class TensorQuantizer(nn.Module):
         self._if_quant = True
         self._if_calib = False
         self._range_ema: Optional[float] = None
+        self.error_gain = 1.0
         self._calibrator = None
         self.set_calibrator(calibrator if calibrator is not None else "max")
 
@@ -209,7 +214,8 @@ class TensorQuantizer(nn.Module):
             return x
         if self._range_ema is not None and self.training:
             self._update_range(x)
-        return self.fake_quant(x)
+        y = self.fake_quant(x)
+        return y if self.error_gain == 1.0 else x + self.error_gain * (y - x)
 
     @torch.no_grad()
     def _update_range(self, x: torch.Tensor):
