@@ -389,7 +389,13 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
                 notes.append(f"INT8 {flavour} flavour: quick PTQ ({calib_method} calibration on "
                              f"{len(calib_batches)} batches of {calib_src})")
             onnx_files[key] = export_qdq(qm, work / f"int8_{flavour}.onnx", flavour=flavour,
-                                         img_size=img_size, dynamic_batch=True)
+                                         img_size=img_size, dynamic_batch=True,
+                                         ort_weights=str(cfg.export.ort_weights))
+            if flavour == "onnxruntime":
+                from .export.qdq import resolve_ort_weights
+                notes.append(f"INT8 onnxruntime flavour: "
+                             f"{resolve_ort_weights(str(cfg.export.ort_weights))} weights "
+                             f"(export.ort_weights={cfg.export.ort_weights})")
         if "ort_quantize_static" in rows:
             log("onnxruntime.quantization.quantize_static ...")
             onnx_files["ort_quantize_static"] = _quantize_static(

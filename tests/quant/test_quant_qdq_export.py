@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quant_testutils import IMG, calibrated, exported, images, tiny_fused
-from yolo_q.export.qdq import (QDQExportError, _RawOutputs, conv_quantization, export_qdq,
+from yolo_q.export.qdq import (QDQExportError, _consts, _RawOutputs, conv_quantization, export_qdq,
                                layer_parity, ort_optimized_op_counts, qdq_stats)
 from yolo_q.quant import convert, quant_state, quantized_layers
 
@@ -110,3 +110,63 @@ def test_export_errors(tmp_path):
         export_qdq(convert(tiny_fused()), tmp_path / "x.onnx", img_size=IMG)
     with pytest.raises(QDQExportError, match="quantized model"):
         export_qdq(tiny_fused(), tmp_path / "x.onnx", img_size=IMG)
+
+
+@pytest.mark.parametrize("storage", ["uint8", "auto"])
+def test_onnxruntime_flavour_int8_conv_is_exact_at_the_largest_codes(tmp_path, storage):
+    """On x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products in int16
+    (vpmaddubsw), which saturates once codes are large (255 * 127 * 2 > 32767): a CI machine
+    once saw 65 output steps of error. uint8 weights (zero point 128, the same grid) take ORT's
+    u8 x u8 kernels, exact on every CPU; ``auto`` must pick a storage that is exact on the CPU
+    running this test. Worst case: every input code 255 and every weight code +127."""
+    import copy
+    import warnings
+
+    from yolo_q.export.qdq import resolve_ort_weights, weight_storage
+    from yolo_q.quant.modules import QuantConv2d
+    q = calibrated(**ORT)
+    name, layer = next((n, m) for n, m in q.named_modules() if isinstance(m, QuantConv2d)
+                       and m._input_quantizer is not None and m._output_quantizer is not None
+                       and m.groups == 1)
+    layer = copy.deepcopy(layer).eval()
+    fan_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        if layer.bias is not None:
+            layer.bias.zero_()
+        layer._weight_quantizer._amax.fill_(1.0)
+        layer._input_quantizer._amax.fill_(1.0)
+        layer._output_quantizer._amax.fill_(float(fan_in))
+        x = torch.ones(1, layer.in_channels, 8, 8)
+        ref = layer(x).numpy()
+    path = tmp_path / "conv.onnx"
+    dtype = resolve_ort_weights(storage)
+    with weight_storage(layer, dtype), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert layer._weight_quantizer.zero_point == (128 if dtype == "uint8" else 0)
+        torch.onnx.export(layer, x, str(path), opset_version=13, input_names=["x"], dynamo=False)
+    assert layer._weight_quantizer.zero_point == 0  # restored
+    assert ort_optimized_op_counts(path)["QLinearConv"] == 1  # ORT's integer kernel runs it
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    steps = np.abs(got - ref) / layer._output_quantizer.scale.item()
+    assert ref.max() > 0.9 * fan_in and steps.max() <= 1.0 + 1e-3, (name, dtype, steps.max())
+
+
+def test_ort_weights_choice_is_validated_and_recorded(tmp_path):
+    from yolo_q.export.qdq import resolve_ort_weights
+    with pytest.raises(ValueError, match="export.ort_weights must be one of"):
+        resolve_ort_weights("int4")
+    assert resolve_ort_weights("uint8") == "uint8" and resolve_ort_weights("int8") == "int8"
+    q = calibrated(**ORT)
+    path = export_qdq(q, tmp_path / "u8.onnx", img_size=IMG, ort_weights="uint8")
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["ort_weights"] == "uint8" and meta["quant_flavour"] == "onnxruntime"
+    consts = _consts(proto)
+    per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                   and consts[n.input[1]].size > 1]
+    assert len(per_channel) >= len(quantized_layers(q)) // 2  # the weights' Q/DQ
+    assert all(consts[n.input[2]].dtype == np.uint8 for n in per_channel)
+    assert all(qz.uint8_storage is False for n, qz in q.named_modules()
+               if n.endswith("_weight_quantizer"))

@@ -186,6 +186,8 @@ class ExportConfig:
     dynamic_batch: bool = False
     simplify: bool = True
     flavour: str = "onnxruntime"  # float | tensorrt | onnxruntime
+    # onnxruntime flavour: weight storage, auto | int8 | uint8 (yolo_q.export.qdq.resolve_ort_weights)
+    ort_weights: str = "auto"
     end2end: bool = False
     conf_thres: float = 0.25
     iou_thres: float = 0.45
@@ -262,6 +264,7 @@ CHOICES = {
     "train.loss.assigner": ("tal", "atss"),
     "quant.calib": ("max", "percentile", "mse", "entropy"),
     "export.flavour": ("float", "tensorrt", "onnxruntime"),
+    "export.ort_weights": ("auto", "int8", "uint8"),
     "pipeline.sensitivity_mode": ("proxy", "exact", "both"),
     "pipeline.calib_methods": ("max", "percentile", "mse", "entropy"),
     "pipeline.flavours": ("tensorrt", "onnxruntime"),

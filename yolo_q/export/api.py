@@ -148,7 +148,8 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
             meta["calibration"] = f"{calib_method} on {Path(str(calib_images)).name}"
         # QDQ graphs are simplified only on request (a simplifier may fold weight Q/DQ pairs)
         export_qdq(model, out, flavour=flavour, img_size=img_size, batch=batch, opset=opset,
-                   dynamic_batch=dynamic, simplify=bool(simplify_arg), metadata=meta, **e2e)
+                   dynamic_batch=dynamic, simplify=bool(simplify_arg), metadata=meta,
+                   ort_weights=str(e.ort_weights), **e2e)
     info = onnx_info(out)
     return {"path": str(out), "flavour": flavour, "quantized": flavour != "float",
             "calibrated_here": calibrated_here, "info": info}

@@ -9,12 +9,21 @@ like is decided by :func:`yolo_q.quant.convert` (the *flavour* is part of the qu
   (explicit quantization), shared scales across Concat inputs; float biases.
 * ``onnxruntime``: Q/DQ after each conv(+ReLU) (uint8), so ONNX Runtime's graph optimizer fuses
   DQ -> Conv -> Relu -> Q into QLinearConv; verify with :func:`ort_optimized_op_counts`.
+  Weights are written as int8 or as uint8 with zero point 128 (the same grid; ``ort_weights``):
+  ONNX Runtime runs u8 x s8 convs on x86 CPUs without VNNI with ``vpmaddubsw``, which adds
+  pairs of products in int16 and saturates at large codes (255 * 127 * 2 > 32767; documented
+  in ONNX Runtime's quantization guide, seen as 65 output steps of error on such a CI machine),
+  while its u8 x u8 kernels are exact everywhere. With VNNI (``avx512_vnni`` / ``avx_vnni``)
+  u8 x s8 is exact and much faster (YOLOv6-N 640 px, Zen 4, 2 threads: 14.2 vs 25.6 ms).
+  ``auto`` picks int8 where the exporting CPU has VNNI (or is not x86), else uint8.
 
 Skipped layers (``quant.skip_layers``) have no Q/DQ.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import tempfile
 import warnings
 from collections import Counter
@@ -28,6 +37,7 @@ from ..quant.convert import FLAVOURS, all_quantizers, is_quantized, quant_state
 
 PathLike = Union[str, os.PathLike]
 MIN_OPSET = 13  # per-channel QuantizeLinear (axis) needs opset 13
+ORT_WEIGHTS = ("auto", "int8", "uint8")
 
 
 class QDQExportError(RuntimeError):
@@ -54,6 +64,47 @@ def _check_model(model: nn.Module, flavour: Optional[str]) -> str:
         raise QDQExportError(f"{len(bad)} enabled quantizer(s) are not calibrated: "
                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
     return model_flavour
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_ort_weights(choice: str = "auto") -> str:
+    """``int8`` or ``uint8``: the storage of onnxruntime-flavour weights (see the module
+    docstring). ``auto``: int8 where ONNX Runtime's u8 x s8 kernels are exact on this CPU
+    (x86 with ``avx512_vnni`` or ``avx_vnni``, or not x86), else uint8."""
+    if choice not in ORT_WEIGHTS:
+        raise ValueError(f"export.ort_weights must be one of {ORT_WEIGHTS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "int8"
+    return "int8" if _cpu_flags() & {"avx512_vnni", "avx_vnni"} else "uint8"
+
+
+@contextlib.contextmanager
+def weight_storage(model: nn.Module, dtype: str):
+    """Within the block, signed weight quantizers store their grid as ``dtype`` (int8 | uint8,
+    zero point 0 | 128): the fake-quant values are identical, only the exported Q/DQ differs."""
+    from ..quant.tensor_quantizer import TensorQuantizer
+    qs = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer)
+          and n.rpartition(".")[2] == "_weight_quantizer" and not q.unsigned]
+    old = [q.uint8_storage for q in qs]
+    try:
+        for q in qs:
+            q.uint8_storage = dtype == "uint8"
+        yield model
+    finally:
+        for q, o in zip(qs, old):
+            q.uint8_storage = o
 
 
 def _torch_export(model, path, img_size, batch, opset, dynamic_batch, raw_outputs=True):
@@ -94,7 +145,8 @@ class _RawOutputs(nn.Module):
 
 def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
                img_size=640, batch: int = 1, opset: int = 13, dynamic_batch: bool = False,
-               simplify: bool = False, raw_outputs: bool = False, **export_kwargs) -> Path:
+               simplify: bool = False, raw_outputs: bool = False, ort_weights: str = "auto",
+               **export_kwargs) -> Path:
     """Export a converted + calibrated model to QDQ ONNX at ``path``; returns the path.
 
     ``flavour`` (tensorrt | onnxruntime) must match the flavour the model was converted with
@@ -102,9 +154,12 @@ def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
     ``images``, output ``outputs`` (B, N, 5+nc); ``export_kwargs`` such as ``end2end``, ``nms``,
     ``conf_thres`` are passed on) with metadata ``quant_flavour``. ``raw_outputs=True`` instead
     exports the head's raw maps ``cls_logits`` (B, N, nc) and ``reg`` (B, N, 4 or
-    4*(reg_max+1)), useful for parity checks.
+    4*(reg_max+1)), useful for parity checks. ``ort_weights`` (auto | int8 | uint8): how the
+    onnxruntime flavour stores weights (:func:`resolve_ort_weights`; the tensorrt flavour always
+    writes int8); recorded as metadata ``ort_weights``.
     """
     flavour = _check_model(model, flavour)
+    w_dtype = resolve_ort_weights(ort_weights) if flavour == "onnxruntime" else "int8"
     if opset < MIN_OPSET:
         raise QDQExportError(f"opset {opset} < {MIN_OPSET}: per-channel QuantizeLinear needs "
                              f"opset >= {MIN_OPSET}")
@@ -113,18 +168,21 @@ def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
     was_training = model.training
     model.eval()
     try:
-        if raw_outputs:
-            if export_kwargs:
-                raise TypeError(f"raw_outputs=True takes no {sorted(export_kwargs)}")
-            _torch_export(model, path, img_size, batch, opset, dynamic_batch)
-        else:
-            from .onnx import export_onnx
+        with weight_storage(model, w_dtype):
+            if raw_outputs:
+                if export_kwargs:
+                    raise TypeError(f"raw_outputs=True takes no {sorted(export_kwargs)}")
+                _torch_export(model, path, img_size, batch, opset, dynamic_batch)
+            else:
+                from .onnx import export_onnx
 
-            meta = dict(export_kwargs.pop("metadata", None) or {})
-            meta.setdefault("quant_flavour", flavour)
-            export_onnx(model, path, img_size=img_size, batch=batch, opset=opset,
-                        dynamic_batch=dynamic_batch, simplify=simplify, metadata=meta,
-                        **export_kwargs)
+                meta = dict(export_kwargs.pop("metadata", None) or {})
+                meta.setdefault("quant_flavour", flavour)
+                if flavour == "onnxruntime":
+                    meta.setdefault("ort_weights", w_dtype)
+                export_onnx(model, path, img_size=img_size, batch=batch, opset=opset,
+                            dynamic_batch=dynamic_batch, simplify=simplify, metadata=meta,
+                            **export_kwargs)
     finally:
         model.train(was_training)
     _inline_identity_initializers(path)

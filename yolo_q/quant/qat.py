@@ -263,7 +263,8 @@ def evaluate_ort(model: nn.Module, cfg, val_ds, path) -> Dict[str, float]:
     from ..data import build_dataloader
     from ..eval import COCOEvaluator, OrtBackend, evaluate
     from ..export.qdq import export_qdq
-    export_qdq(model, path, img_size=int(cfg.data.img_size), batch=1, dynamic_batch=True)
+    export_qdq(model, path, img_size=int(cfg.data.img_size), batch=1, dynamic_batch=True,
+               ort_weights=str(cfg.export.ort_weights))
     loader = build_dataloader(val_ds, cfg.eval.batch_size, shuffle=False,
                               workers=min(cfg.data.workers, 2), seed=cfg.train.seed)
     res = evaluate(OrtBackend(path), loader, COCOEvaluator.from_dataset(val_ds),

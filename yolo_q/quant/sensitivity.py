@@ -442,7 +442,16 @@ def format_table(report: dict, top: Optional[int] = None) -> str:
     if report.get("exact_reliability") is not None:
         foot.append(f"exact split-half reliability {report['exact_reliability']:.3f} "
                     f"(a proxy can reach at most {report['spearman_ceiling']:.3f})")
-    return "\n".join(lines + ["; ".join(foot)]) + "\n"
+    out = lines + ["; ".join(foot)]
+    rel = report.get("exact_reliability")
+    if report.get("exact_split_half") is not None and not (rel is not None and rel >= 0.5):
+        n = report.get("subset_images")
+        out.append(f"note: the exact drops do not reproduce between the two halves of the "
+                   f"{f'{n} ' if n else ''}val images (split-half Spearman "
+                   f"{report['exact_split_half']:.2f}): single-layer effects are below what these "
+                   f"images resolve, so the exact ranking is mostly noise; use more images "
+                   f"(quant.sensitivity_images) or amplify the error (--sensitivity-gain)")
+    return "\n".join(out) + "\n"
 
 
 CSV_FIELDS = ("rank", "layer", "index", "proxy_score", "proxy_rank", "exact_map50_95",
