@@ -170,3 +170,24 @@ def test_ort_weights_choice_is_validated_and_recorded(tmp_path):
     assert all(consts[n.input[2]].dtype == np.uint8 for n in per_channel)
     assert all(qz.uint8_storage is False for n, qz in q.named_modules()
                if n.endswith("_weight_quantizer"))
+
+
+def test_ort_backend_warns_about_int8_weights_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+    import warnings
+
+    import yolo_q.export.qdq as qdq
+    from yolo_q.eval.backends import OrtBackend
+    q = calibrated(**ORT)
+    paths = {w: export_qdq(q, tmp_path / f"{w}.onnx", img_size=IMG, ort_weights=w)
+             for w in ("int8", "uint8")}
+    monkeypatch.setattr(qdq.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(qdq, "_cpu_flags", lambda: {"avx2", "avx512f"})  # no VNNI
+    assert qdq.resolve_ort_weights("auto") == "uint8"
+    with pytest.warns(RuntimeWarning, match="export.ort_weights=uint8"):
+        OrtBackend(paths["int8"], threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert OrtBackend(paths["uint8"], threads=1).metadata["ort_weights"] == "uint8"
+        monkeypatch.setattr(qdq, "_cpu_flags", lambda: {"avx2", "avx512_vnni"})
+        assert qdq.resolve_ort_weights("auto") == "int8"
+        OrtBackend(paths["int8"], threads=1)

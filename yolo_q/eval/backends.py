@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -166,6 +167,14 @@ class OrtBackend(Backend):
             raise RuntimeError(f"{self.path}: ONNX Runtime could not load the model: "
                                f"{str(e).splitlines()[0]}") from e
         self.providers = self.session.get_providers()
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        if self.metadata.get("ort_weights") == "int8" and \
+                self.providers[0] == "CPUExecutionProvider":
+            from ..export.qdq import resolve_ort_weights
+            if resolve_ort_weights("auto") == "uint8":
+                warnings.warn(f"{self.path}: int8 weights on a CPU without VNNI: ONNX Runtime's "
+                              f"u8 x s8 kernels can saturate here and lose accuracy; re-export "
+                              f"with export.ort_weights=uint8", RuntimeWarning, stacklevel=2)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         shape = list(inp.shape)
