@@ -195,3 +195,20 @@ def test_split_half_reliability_hand_computed():
                     "ceiling": pytest.approx(1.0)}
     noise = split_half_reliability([0.5, 0.5], [[0.4, 0.2], [0.2, 0.4], [0.3, 0.3]])
     assert noise["split_half"] == pytest.approx(-1.0) and math.isnan(noise["reliability"])
+
+
+def test_table_notes_an_exact_ranking_that_does_not_reproduce():
+    def report(drops_a, drops_b):
+        layers = [dict(layer=f"l{i}", index=i, rank=i + 1, exact_drop=(a + b) / 2,
+                       exact_map50_95=0.5 - (a + b) / 2, exact_map50=0.7)
+                  for i, (a, b) in enumerate(zip(drops_a, drops_b))]
+        halves = [[0.5 - a, 0.5 - b] for a, b in zip(drops_a, drops_b)]
+        rel = split_half_reliability([0.5, 0.5], halves)
+        return dict(layers=layers, rank_by="exact_drop", num_layers=len(layers),
+                    subset_images=40, exact_split_half=rel["split_half"],
+                    exact_reliability=rel["reliability"], spearman_ceiling=rel["ceiling"])
+    consistent = format_table(report([0.1, 0.3, 0.2, 0.0], [0.12, 0.28, 0.21, 0.01]))
+    assert "split-half reliability 1.000" in consistent and "note:" not in consistent
+    noisy = format_table(report([0.1, 0.3, 0.2, 0.0], [0.2, 0.0, 0.1, 0.3]))
+    assert "note: the exact drops do not reproduce between the two halves of the 40 val " \
+           "images" in noisy and "--sensitivity-gain" in noisy
