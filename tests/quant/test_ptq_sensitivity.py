@@ -99,6 +99,7 @@ def test_sensitivity_both_modes_rank_all_layers(tmp_path):
     assert top["exact_drop"] == pytest.approx(float_m["map50_95"] - top["exact_map50_95"])
     # split-half reliability of the exact ranking
     assert -1 <= rep["exact_split_half"] <= 1 and rep["gain"] == 1.0
+    assert all(len(r["exact_map50_95_halves"]) == 2 for r in rep["layers"])
     if rep["exact_split_half"] > -1:
         r = rep["exact_split_half"]
         assert rep["exact_reliability"] == pytest.approx(2 * r / (1 + r))

@@ -373,16 +373,18 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
         for n, r in _descending_ranks(names, exact).items():
             by_name[n].update(exact_map50_95=res[n]["map50_95"], exact_map50=res[n]["map50"],
                               exact_drop=exact[n], exact_rank=r)
+            if "map50_95_halves" in res[n]:
+                by_name[n]["exact_map50_95_halves"] = res[n]["map50_95_halves"]
         if all_but:
             if not ptq_metrics:
                 raise ValueError("all-but sensitivity needs the fully quantized model's metrics")
             t0 = time.perf_counter()
             res = exact_sensitivity(model, evaluate_fn, names, all_but=True, progress=progress)
             report["all_but_seconds"] = time.perf_counter() - t0
-            gain = {n: res[n]["map50_95"] - float(ptq_metrics["map50_95"]) for n in names}
-            for n, r in _descending_ranks(names, gain).items():
-                by_name[n].update(all_but_map50_95=res[n]["map50_95"], all_but_gain=gain[n],
-                                  all_but_rank=r)
+            recovered = {n: res[n]["map50_95"] - float(ptq_metrics["map50_95"]) for n in names}
+            for n, r in _descending_ranks(names, recovered).items():
+                by_name[n].update(all_but_map50_95=res[n]["map50_95"],
+                                  all_but_gain=recovered[n], all_but_rank=r)
     if proxy is not None and exact is not None:
         report["spearman"] = spearman([proxy[n] for n in names], [exact[n] for n in names])
         report["speedup"] = report["exact_seconds"] / max(report["proxy_seconds"], 1e-9)
