@@ -154,12 +154,32 @@ def test_error_gain_scales_the_quantization_error():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 5) * 3
     q = TensorQuantizer(num_bits=8)
-    q.amax = 4.0  # clips part of x: clipping error is scaled as well
+    q.amax = 4.0  # clips part of x
     y1 = q(x)
     q.error_gain = 16.0
-    torch.testing.assert_close(q(x) - x, 16.0 * (y1 - x), rtol=1e-5, atol=1e-5)
+    y16 = q(x)
     inside = x.abs() < 4  # both kinds of error are present: rounding inside, clipping outside
     assert (y1 - x)[inside].abs().max() > 0 and (y1 - x)[~inside].abs().max() > 1
+    # the rounding error is scaled, the clipping is that of INT8
+    torch.testing.assert_close((y16 - x)[inside], 16.0 * (y1 - x)[inside], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y16[~inside], y1[~inside])
+    assert (y16 - x)[inside].abs().max() <= 16 * q.scale / 2 + 1e-5
+    # per-channel and unsigned grids clip to their own ranges
+    w = torch.randn(4, 3, 3, 3)
+    qc = TensorQuantizer(num_bits=8, axis=0, num_channels=4)
+    qc.amax = w.abs().amax(dim=(1, 2, 3)) * 0.5
+    qc.error_gain = 8.0
+    a = qc.amax.view(-1, 1, 1, 1)  # codes -128..127: the grid reaches -128/127 amax
+    wc = torch.maximum(torch.minimum(w, a), -a * 128 / 127)
+    qc.error_gain = 1.0
+    w1 = qc(w)
+    qc.error_gain = 8.0
+    torch.testing.assert_close(qc(w), wc + 8.0 * (w1 - wc), rtol=1e-5, atol=1e-5)
+    qu = TensorQuantizer(num_bits=8, unsigned=True)
+    qu.amax = 2.0
+    qu.error_gain = 8.0
+    r = torch.tensor([-1.0, 0.5, 3.0])
+    assert qu(r)[0] == 0 and qu(r)[2] == pytest.approx(2.0)
     # amplified_error sets every quantizer of a model and restores it, even on errors
     cfg, fused, batches, _, _ = setup()
     qm = quantize_model(fused, cfg, batches, progress=False)

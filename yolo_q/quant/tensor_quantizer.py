@@ -18,8 +18,11 @@ activation uint8, so its QLinear kernels fuse). Modes, pytorch-quantization styl
 *disabled* (``disable()``: pass through). ``_amax`` is a buffer (``-1`` = not calibrated).
 
 ``error_gain`` (sensitivity analysis only, never saved or exported): the output becomes
-``x + error_gain * (fake_quant(x) - x)``, i.e. this quantizer's own rounding and clipping error,
-the same realization, scaled (1 = plain fake quantization).
+``c + error_gain * (fake_quant(x) - c)`` with ``c = x`` clipped to the grid's range, i.e. this
+quantizer's own rounding error, the same realization, scaled (like dropping log2(gain) bits at the
+same amax), while clipping stays as in INT8 (1 = plain fake quantization). Scaling the clipping
+error too would turn the rare outliers beyond amax into gain-times-larger spikes that dominate
+the result and have no INT8 counterpart.
 """
 from __future__ import annotations
 
@@ -215,7 +218,19 @@ class TensorQuantizer(nn.Module):
         if self._range_ema is not None and self.training:
             self._update_range(x)
         y = self.fake_quant(x)
-        return y if self.error_gain == 1.0 else x + self.error_gain * (y - x)
+        if self.error_gain == 1.0:
+            return y
+        c = self.clip(x)
+        return c + self.error_gain * (y - c)
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clamped to the float range of the grid (what quantization keeps of it)."""
+        scale = self.scale.to(x.device, x.dtype)
+        if self.axis is not None:
+            scale = scale.reshape([-1 if d == self.axis else 1 for d in range(x.dim())])
+        lo = (self.quant_min - self.zero_point) * scale
+        hi = (self.quant_max - self.zero_point) * scale
+        return torch.maximum(torch.minimum(x, hi), lo)
 
     @torch.no_grad()
     def _update_range(self, x: torch.Tensor):
