@@ -9,9 +9,10 @@ import torch
 from test_ptq_fixtures import setup
 from yolo_q.quant import quantize_model, quantize_only, quantized_layers
 from yolo_q.quant.ptq import make_map_fn
-from yolo_q.quant.sensitivity import (IncrementalRunner, amplified_error, detection_output_error,
-                                      format_table, proxy_sensitivity, rankdata, save_report,
-                                      sensitivity_analysis, spearman, split_half_reliability)
+from yolo_q.quant.sensitivity import (DetectionAgreement, IncrementalRunner, amplified_error,
+                                      detection_output_error, format_table, proxy_sensitivity,
+                                      rankdata, save_report, sensitivity_analysis, spearman,
+                                      split_half_reliability)
 from yolo_q.quant.tensor_quantizer import TensorQuantizer
 
 
@@ -198,11 +199,58 @@ def test_proxy_grows_with_error_gain_and_keeps_its_order():
     cfg, fused, batches, _, _ = setup()
     q = quantize_model(fused, cfg, batches, progress=False)
     layers = quantized_layers(q)[::6]
-    s1 = proxy_sensitivity(q, [batches[0]], layers, progress=False)
-    s8 = proxy_sensitivity(q, [batches[0]], layers, progress=False, gain=8)
+    s1 = proxy_sensitivity(q, [batches[0]], layers, metric="output", progress=False)
+    s8 = proxy_sensitivity(q, [batches[0]], layers, metric="output", progress=False, gain=8)
+    assert s1.metric == s8.metric == "output"
     assert all(s8[n] > 2 * s1[n] > 0 for n in layers)  # roughly linear in the error
     assert spearman([s1[n] for n in layers], [s8[n] for n in layers]) > 0.8
-    assert proxy_sensitivity(q, [batches[0]], layers, progress=False) == s1  # gain restored
+    # gain restored
+    assert proxy_sensitivity(q, [batches[0]], layers, metric="output", progress=False) == s1
+
+
+def test_detection_agreement_hand_computed():
+    ref = torch.zeros(2, 3, 7)  # 2 images, 3 anchors, 2 classes (cx, cy, w, h, 1, scores)
+    ref[..., 4] = 1
+    for (i, a, c), box, score in zip([(0, 0, 5), (0, 1, 6), (1, 0, 5), (1, 2, 6)],
+                                     [[20.0, 20, 10, 10], [60, 60, 20, 20], [40, 40, 16, 16],
+                                      [10, 80, 8, 8]], [0.9, 0.8, 0.7, 0.1]):  # 0.1: not GT
+        ref[i, a, :4] = torch.tensor(box)
+        ref[i, a, c] = score
+    agree = DetectionAgreement()
+    agree.add_reference(ref)
+    assert agree.num_boxes == 3
+    agree.add("same", ref)
+    moved = ref.clone()
+    moved[0, 1, 0] += 10.0  # one of the three boxes shifted by half its width: IoU 1/3
+    agree.add("moved", moved)
+    lost = ref.clone()
+    lost[1, 0, 5] = 0.0  # one box no longer detected
+    agree.add("lost", lost)
+    scores = agree.scores()
+    assert scores["same"] == pytest.approx(0.0, abs=1e-9)
+    assert 0 < scores["moved"] < 1 and 0 < scores["lost"] < 1
+    # a class with one of its two GT boxes missed: AP of that class 0.5 at every IoU -> 1 - 0.75
+    assert scores["lost"] == pytest.approx(0.25, abs=0.01)
+    empty = DetectionAgreement(gt_conf=0.95)
+    empty.add_reference(ref)
+    with pytest.raises(ValueError, match="detects nothing with score >= 0.95"):
+        empty.scores()
+
+
+def test_agreement_proxy_ranks_layers_and_falls_back_without_detections():
+    cfg, fused, batches, _, _ = setup()
+    q = quantize_model(fused, cfg, batches, progress=False)
+    layers = quantized_layers(q)[::8]
+    s = proxy_sensitivity(q, batches[:2], layers, progress=False, gain=8)
+    assert s.metric == "agreement" and all(0 <= s[n] <= 1 for n in layers)
+    assert max(s[n] for n in layers) > 0
+    with pytest.raises(ValueError, match="proxy metric 'mse' is not one of"):
+        proxy_sensitivity(q, batches[:1], layers, metric="mse")
+    # no float detection reaches gt_conf: the output error ranks instead
+    fb = proxy_sensitivity(q, batches[:1], layers, metric=DetectionAgreement(gt_conf=1.01),
+                           progress=False)
+    assert fb.metric == "output"
+    assert fb == proxy_sensitivity(q, batches[:1], layers, metric="output", progress=False)
 
 
 def test_split_half_reliability_hand_computed():

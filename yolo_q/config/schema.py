@@ -172,7 +172,9 @@ class QuantConfig:
     flavour: Optional[str] = None
     skip_layers: List[str] = field(default_factory=list)
     sensitivity_images: int = 64  # val images per exact sensitivity / max-drop evaluation
-    sensitivity_proxy_images: int = 8  # calibration images for the sensitivity proxy
+    sensitivity_proxy_images: int = 32  # calibration images for the sensitivity proxy
+    # proxy score: agreement (1 - mAP vs the float model's detections) | output (raw output error)
+    sensitivity_proxy: str = "agreement"
     # sensitivity analysis only: the probed layer's quantization error x this (1 = plain INT8;
     # > 1 lifts single-layer mAP changes above the val subset's noise, see quant/sensitivity.py)
     sensitivity_gain: float = 1.0
@@ -265,6 +267,7 @@ CHOICES = {
     "quant.calib": ("max", "percentile", "mse", "entropy"),
     "export.flavour": ("float", "tensorrt", "onnxruntime"),
     "export.ort_weights": ("auto", "int8", "uint8"),
+    "quant.sensitivity_proxy": ("agreement", "output"),
     "pipeline.sensitivity_mode": ("proxy", "exact", "both"),
     "pipeline.calib_methods": ("max", "percentile", "mse", "entropy"),
     "pipeline.flavours": ("tensorrt", "onnxruntime"),

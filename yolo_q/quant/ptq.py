@@ -218,9 +218,11 @@ def _sensitivity(qmodel, float_model, cfg, batches, val_ds, val_loader, mode, al
     sub_float, sub_ptq = eval_sub(float_model), eval_sub(qmodel)
     proxy_imgs = torch.cat(batches)[:max(1, int(q.sensitivity_proxy_images))]
     gain = float(q.sensitivity_gain)
-    report = sens.sensitivity_analysis(qmodel, proxy_batches=[proxy_imgs], evaluate_fn=eval_sub,
-                                       mode=mode, all_but=all_but, float_metrics=sub_float,
-                                       ptq_metrics=sub_ptq, progress=progress, gain=gain)
+    report = sens.sensitivity_analysis(qmodel, proxy_batches=list(proxy_imgs.split(8)),
+                                       evaluate_fn=eval_sub, mode=mode, all_but=all_but,
+                                       float_metrics=sub_float, ptq_metrics=sub_ptq,
+                                       progress=progress, gain=gain,
+                                       proxy_metric=str(q.sensitivity_proxy))
     report.update(subset_images=sub_float["images"], calib=q.calib,
                   per_channel_weights=bool(q.per_channel_weights))
     say(f"\nsensitivity ({mode}{f', error gain {gain:g}' if gain != 1 else ''}; exact/max-drop "
@@ -405,8 +407,8 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
         files["config"] = str(save_config(cfg, run_dir / "config.yaml"))
         files["summary"] = str(run_dir / "summary.json")
     times["total"] = time.perf_counter() - t_all
-    sens_keys = ("mode", "gain", "rank_by", "ranking", "proxy_seconds", "exact_seconds",
-                 "all_but_seconds", "speedup", "spearman", "exact_split_half",
+    sens_keys = ("mode", "gain", "proxy_metric", "rank_by", "ranking", "proxy_seconds",
+                 "exact_seconds", "all_but_seconds", "speedup", "spearman", "exact_split_half",
                  "exact_reliability", "spearman_ceiling", "proxy_images", "subset_images")
     summary = dict(ptq_info, subset_float=sub_float, subset_ptq=sub_ptq,
                    drop_points=100 * (float_m["map50_95"] - ptq_m["map50_95"]),

@@ -6,11 +6,15 @@ both on a calibrated model (:func:`yolo_q.quant.calibrate`):
 * **exact** (:func:`exact_sensitivity`): quantize that layer alone (every other layer float) and
   measure COCO mAP on a validation subset; ``drop = float mAP - mAP``. Optionally also *all but
   this layer* (every layer quantized except this one): ``gain = mAP - full-PTQ mAP``.
-* **proxy** (:func:`proxy_sensitivity`): the same single-layer quantization, scored by how much
-  the model's decoded outputs move on a few calibration images (no NMS, no COCO). The float
-  activations of every graph node are cached once (``torch.fx``); for layer ``L`` only ``L`` and
-  the nodes downstream of it are recomputed. Score (:func:`detection_output_error`) =
-  confidence-weighted class-score error + confidence-weighted ``1 - IoU`` of the boxes.
+* **proxy** (:func:`proxy_sensitivity`): the same single-layer quantization on a few calibration
+  images, no labels needed. The float activations of every graph node are cached once
+  (``torch.fx``); for layer ``L`` only ``L`` and the nodes downstream of it are recomputed.
+  Scores (``metric``): ``agreement`` (default, :class:`DetectionAgreement`) = 1 - COCO mAP50-95
+  of the layer-quantized model's detections scored against the float model's own detections
+  (score >= 0.25) as ground truth, i.e. how far quantizing ``L`` moves what the detector
+  reports; ``output`` (:func:`detection_output_error`) = confidence-weighted class-score error +
+  confidence-weighted ``1 - IoU`` of the raw boxes, no NMS (cheaper, ranks worse: see
+  ``benchmarks/sensitivity_benchmark.md``).
 
 :func:`sensitivity_analysis` runs either or both, ranks the layers (most sensitive first), records
 the time each mode took, the speed-up and the Spearman rank correlation between proxy and exact;
@@ -39,7 +43,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -116,6 +120,75 @@ def detection_output_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     score_err = ((s - s_ref).abs().sum(-1) * w).sum() / norm
     box_err = ((1.0 - _box_iou_cxcywh(y[..., :4], ref[..., :4])) * w).sum() / norm
     return float(score_err + box_err)
+
+
+class DetectionAgreement:
+    """Proxy metric: how well a perturbed model's detections agree with the float model's.
+
+    ``add_reference(ref)`` turns the float outputs of a batch into pseudo ground truth (NMS,
+    score >= ``gt_conf``); ``add(key, y)`` keeps the detections of a perturbed run of the same
+    batch (score >= ``conf``, at most ``max_det`` per image, multi-label as for COCO mAP);
+    ``scores()`` gives ``{key: 1 - mAP50-95}`` against the pseudo ground truth (pycocotools via
+    :class:`yolo_q.eval.COCOEvaluator`). Undefined (``has_reference`` False) when the float
+    model detects nothing at ``gt_conf``."""
+
+    def __init__(self, gt_conf: float = 0.25, conf: float = 0.01, iou: float = 0.65,
+                 max_det: int = 100):
+        self.gt_conf, self.conf, self.iou, self.max_det = gt_conf, conf, iou, max_det
+        self.gt: List[torch.Tensor] = []
+        self.dets: Dict[str, List[torch.Tensor]] = {}
+        self.nc = 0
+
+    def add_reference(self, ref: torch.Tensor) -> None:
+        from ..eval.postprocess import postprocess
+        self.nc = int(ref.shape[-1]) - 5
+        self.gt += [d.cpu() for d in postprocess(ref, self.gt_conf, self.iou, self.max_det)]
+
+    def add(self, key: str, y: torch.Tensor) -> None:
+        from ..eval.postprocess import postprocess
+        self.dets.setdefault(key, []).extend(
+            d.cpu() for d in postprocess(y, self.conf, self.iou, self.max_det, multi_label=True))
+
+    @property
+    def num_boxes(self) -> int:
+        return int(sum(len(g) for g in self.gt))
+
+    @property
+    def has_reference(self) -> bool:
+        return self.num_boxes > 0
+
+    def scores(self) -> Dict[str, float]:
+        from ..eval.coco import COCOEvaluator
+        if not self.has_reference:
+            raise ValueError(f"detection agreement: the float model detects nothing with score "
+                             f">= {self.gt_conf} on the proxy images")
+        anns = []
+        for i, g in enumerate(self.gt):
+            for x1, y1, x2, y2, _, c in g.tolist():
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c) + 1,
+                             "bbox": [x1, y1, x2 - x1, y2 - y1],
+                             "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        gt = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(len(self.gt))],
+              "annotations": anns,
+              "categories": [{"id": c + 1, "name": str(c)} for c in range(self.nc)]}
+        ev = COCOEvaluator(gt, class_map=list(range(1, self.nc + 1)))
+        out = {}
+        for key, dets in self.dets.items():
+            ev.reset()
+            for i, d in enumerate(dets):
+                ev.add(i, d)
+            out[key] = 1.0 - float(ev.summarize(False, False)["map50_95"])
+        return out
+
+
+PROXY_METRICS = ("agreement", "output")
+
+
+class ProxyScores(dict):
+    """``{layer: score}`` plus ``metric``: the metric that produced them (``agreement`` falls
+    back to ``output`` when the float model detects nothing on the proxy images)."""
+
+    metric: str = ""
 
 
 # ------------------------------------------------------------------------------ proxy
@@ -203,20 +276,32 @@ class IncrementalRunner:
 
 
 def proxy_sensitivity(model: nn.Module, batches: Iterable, layers: Optional[Sequence[str]] = None,
-                      metric: Callable = detection_output_error, progress: bool = True,
-                      gain: float = 1.0) -> Dict[str, float]:
-    """Proxy score per layer (higher = more sensitive): ``metric(output with only that layer
-    quantized, float output)`` summed over ``batches`` (image tensors or loader tuples), with
-    the layer's quantization error times ``gain`` (:func:`amplified_error`).
-    ``model`` must be calibrated; quantizer modes are restored afterwards."""
+                      metric: Union[str, Callable, "DetectionAgreement"] = "agreement",
+                      progress: bool = True,
+                      gain: float = 1.0) -> ProxyScores:
+    """Proxy score per layer (higher = more sensitive) with only that layer quantized, its
+    quantization error times ``gain`` (:func:`amplified_error`), on ``batches`` (image tensors or
+    loader tuples). ``metric``: ``agreement`` (:class:`DetectionAgreement` over all the images,
+    or such an object with other thresholds; falls back to ``output`` when the float model
+    detects nothing there), ``output``
+    (:func:`detection_output_error` summed over batches) or a callable ``(y, y_float) -> float``
+    summed over batches. ``model`` must be calibrated; quantizer modes are restored afterwards.
+    Returns :class:`ProxyScores` (its ``metric`` says which metric was used)."""
     from tqdm import tqdm
 
+    if isinstance(metric, str) and metric not in PROXY_METRICS:
+        raise ValueError(f"sensitivity proxy metric '{metric}' is not one of {PROXY_METRICS}")
     layers = quantized_layers(model) if layers is None else _check_names(model, layers)
     device = next(model.parameters()).device
     xs = [_to_input(b, device) for b in batches]
     if not xs:
         raise ValueError("proxy_sensitivity: no batches")
-    scores = {n: 0.0 for n in layers}
+    agree = metric if isinstance(metric, DetectionAgreement) else (
+        DetectionAgreement() if metric == "agreement" else None)
+    fn = metric if callable(metric) and agree is None else detection_output_error
+    scores = ProxyScores({n: 0.0 for n in layers})
+    scores.metric = ("agreement" if agree is not None else metric if isinstance(metric, str)
+                     else getattr(metric, "__name__", "custom"))
     was_training = model.training
     model.eval()
     try:
@@ -226,13 +311,23 @@ def proxy_sensitivity(model: nn.Module, batches: Iterable, layers: Optional[Sequ
             for x in xs:
                 runner = IncrementalRunner(model, x)
                 ref = runner.reference
+                if agree is not None:
+                    agree.add_reference(ref)
                 for name in layers:
-                    scores[name] += metric(runner.run(name), ref)
+                    y = runner.run(name)
+                    scores[name] += fn(y, ref)
+                    if agree is not None:
+                        agree.add(name, y)
                     bar.update(1)
                 del runner
             bar.close()
     finally:
         model.train(was_training)
+    if agree is not None:
+        if agree.has_reference:
+            scores.update(agree.scores())
+        else:
+            scores.metric = "output"
     return scores
 
 
@@ -317,7 +412,7 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
                          mode: str = "proxy", all_but: bool = False,
                          float_metrics: Optional[dict] = None, ptq_metrics: Optional[dict] = None,
                          layers: Optional[Sequence[str]] = None, progress: bool = True,
-                         gain: float = 1.0) -> dict:
+                         gain: float = 1.0, proxy_metric: str = "agreement") -> dict:
     """Rank the quantized layers of a calibrated ``model`` by sensitivity.
 
     ``mode``: ``proxy`` (needs ``proxy_batches``), ``exact`` (needs ``evaluate_fn`` and
@@ -333,7 +428,8 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
     exact metrics (and in ``float_metrics``) also ``exact_split_half``, ``exact_reliability``
     and ``spearman_ceiling`` (:func:`split_half_reliability`). ``gain`` multiplies the probed
     layer's quantization error in the proxy and the single-layer exact runs (the all-but runs
-    stay at plain INT8, comparable with ``ptq_metrics``).
+    stay at plain INT8, comparable with ``ptq_metrics``). ``proxy_metric``: ``agreement`` |
+    ``output`` (:func:`proxy_sensitivity`); the report's ``proxy_metric`` is the one used.
     """
     if mode not in MODES:
         raise ValueError(f"sensitivity mode '{mode}' is not one of {MODES}")
@@ -343,7 +439,8 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
     report: dict = {"mode": mode, "num_layers": len(names), "float": float_metrics,
                     "ptq": ptq_metrics, "gain": float(gain), "proxy_seconds": None,
                     "exact_seconds": None, "all_but_seconds": None, "speedup": None,
-                    "spearman": None, "exact_split_half": None, "exact_reliability": None,
+                    "proxy_metric": None, "spearman": None, "exact_split_half": None,
+                    "exact_reliability": None,
                     "spearman_ceiling": None}
     rows = [{"layer": n, "index": i} for i, n in enumerate(names)]
     by_name = {r["layer"]: r for r in rows}
@@ -352,8 +449,10 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
         if not proxy_batches:
             raise ValueError("proxy sensitivity needs calibration batches")
         t0 = time.perf_counter()
-        proxy = proxy_sensitivity(model, proxy_batches, names, progress=progress, gain=gain)
+        proxy = proxy_sensitivity(model, proxy_batches, names, metric=proxy_metric,
+                                  progress=progress, gain=gain)
         report["proxy_seconds"] = time.perf_counter() - t0
+        report["proxy_metric"] = proxy.metric
         report["proxy_images"] = int(sum(_num_images(b) for b in proxy_batches))
         for n, r in _descending_ranks(names, proxy).items():
             by_name[n].update(proxy_score=proxy[n], proxy_rank=r)
@@ -434,6 +533,9 @@ def format_table(report: dict, top: Optional[int] = None) -> str:
     foot = [f"ranked by {report['rank_by']}; {report['num_layers']} layers"]
     if report.get("gain", 1.0) != 1.0:
         foot.append(f"error gain {report['gain']:g}")
+    if report.get("proxy_metric"):
+        n = report.get("proxy_images")
+        foot.append(f"proxy: {report['proxy_metric']}{f' on {n} images' if n else ''}")
     for k in ("proxy", "exact", "all_but"):
         if report.get(f"{k}_seconds") is not None:
             foot.append(f"{k.replace('_', '-')} {report[f'{k}_seconds']:.1f} s")
