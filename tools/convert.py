@@ -8,7 +8,8 @@ import argparse
 
 from yolo_q.cli import run_tool
 from yolo_q.config import config_to_dict, load_config
-from yolo_q.engine.checkpoint import load_model, save_checkpoint
+from yolo_q import load_model
+from yolo_q.io import save_checkpoint
 
 
 def get_args_parser():

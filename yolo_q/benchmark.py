@@ -13,6 +13,7 @@ ratios are only computed between rows of the same run. Denormals are flushed to 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -25,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .io import flush_denormal
 
 __all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
            "randomize_weights", "random_targets", "make_train_step", "train_benchmark",
@@ -197,14 +200,10 @@ def train_benchmark(cfg, batch: int = 8, img_size: int = 320, threads: int = 2,
     if img_size % 32:
         raise ValueError(f"--imgsz {img_size} must be a multiple of 32")
     torch.set_num_threads(int(threads))
-    prev = torch.set_flush_denormal(True)
-    try:
+    with flush_denormal():
         step, _ = make_train_step(cfg, batch, img_size, seed)
         fns = {"yolo_q": step, **(extra or {})}
         times = round_robin(fns, steps, warmup)
-    finally:
-        if not prev:
-            torch.set_flush_denormal(False)
     rows = []
     for name, t in times.items():
         s = summarize_times(t, batch)
@@ -314,13 +313,12 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
     ``ort_spin``: let ORT's idle threads busy-wait (its default; off here, see
     :func:`_ort_session`).
     """
-    import yolo_q
-    from .engine.checkpoint import read_checkpoint_any
-    from .export.api import load_checkpoint_model, quick_ptq
+    from .io import read_checkpoint_any
+    from .export.api import quick_ptq
     from .export.onnx import export_onnx, shared_initializers
     from .export.qdq import export_qdq, ort_optimized_op_counts
     from .models import build_model
-    from .quant import quant_state
+    from .quant import is_quantized, load_model, quant_state
 
     unknown = [r for r in rows if r not in ROW_LABELS]
     if unknown:
@@ -328,7 +326,8 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
     if img_size % 32:
         raise ValueError(f"--imgsz {img_size} must be a multiple of 32")
     torch.set_num_threads(int(threads))
-    prev_denormal = torch.set_flush_denormal(True)
+    denormal = contextlib.ExitStack()
+    denormal.enter_context(flush_denormal())
     tmp = None
     if work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="yolo_q_bench_")
@@ -339,7 +338,8 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
     try:
         # ---- models
         if weights:
-            model, has_quant = load_checkpoint_model(weights, cfg)
+            model = load_model(weights, cfg, stored_config_first=True)
+            has_quant = is_quantized(model)
             if has_quant:
                 raise ValueError(f"{weights}: a quantized checkpoint; pass it as --quant-weights "
                                  f"(--weights is the float model)")
@@ -354,7 +354,7 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
         for qw in quant_weights:
             if not read_checkpoint_any(qw).get("quant"):
                 raise ValueError(f"{qw}: not a quantized checkpoint (no 'quant' entry)")
-            qm = yolo_q.load_model(qw)
+            qm = load_model(qw)
             qmodels[quant_state(qm)["flavour"]] = qm
             notes.append(f"INT8 {quant_state(qm)['flavour']} flavour from {qw}")
         # ---- calibration images (also for quantize_static)
@@ -462,8 +462,7 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
                                  calib_method=calib_method, ort_spin=ort_spin),
                 "onnx": {k: str(v) for k, v in onnx_files.items()} if tmp is None else {}}
     finally:
-        if not prev_denormal:
-            torch.set_flush_denormal(False)
+        denormal.close()
         if tmp is not None:
             tmp.cleanup()
 

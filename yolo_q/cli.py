@@ -21,7 +21,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run_tool(main, argv: Optional[Sequence[str]] = None) -> int:
     """Run a tool's ``main(argv)``, turning expected user errors into one line on stderr + exit 2."""
-    from .engine.checkpoint import CheckpointError
+    from .io import CheckpointError
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return main(argv) or 0

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from omegaconf import OmegaConf
 
 from .config import save_config
+from .io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,7 @@ class Pipeline:
         return result
 
     def _save(self):
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        tmp.replace(self.state_path)
+        write_json(self.state_path, self.state, default=str)
 
     def seconds(self, key: str) -> Optional[float]:
         return (self.state.get(key) or {}).get("seconds")
@@ -153,7 +152,7 @@ class Pipeline:
 
     def _train_run(self, cfg, run: Path, label: str) -> None:
         """Train ``cfg`` into ``run`` (resuming an interrupted run; nothing when complete)."""
-        from .engine.checkpoint import load_checkpoint
+        from .io import load_checkpoint
         from .engine.train import train
         last = run / "weights" / "last.pt"
         resume = None
@@ -192,7 +191,8 @@ class Pipeline:
         """``pipeline.float_weights``: no training; an official or foreign checkpoint is
         converted once into a yolo_q float checkpoint (what the later stages read)."""
         from .config import config_to_dict
-        from .engine.checkpoint import load_model, save_checkpoint
+        from .io import save_checkpoint
+        from .quant.load import load_model
         if not path.is_file():
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
@@ -204,7 +204,7 @@ class Pipeline:
                 "results_csv": str(out.parent.parent / "results.csv"), "source": str(path)}
 
     def _train_result(self, run: Path) -> Dict[str, Any]:
-        from .engine.checkpoint import load_checkpoint
+        from .io import load_checkpoint
         best = run / "weights" / "best.pt"
         weights = best if best.exists() else run / "weights" / "last.pt"
         ck = load_checkpoint(weights)
@@ -256,7 +256,7 @@ class Pipeline:
         return res
 
     def _qat_run(self, variant, tr, ptq, name: str, distill: bool) -> Dict[str, Any]:
-        from .engine.checkpoint import load_checkpoint
+        from .io import load_checkpoint
         from .quant.qat import qat_epochs, run_qat
         run = self.vdir(variant) / name
         cfg = self.variant_cfg(variant)
@@ -282,7 +282,7 @@ class Pipeline:
         """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;
         the other flavours from a PTQ of the float model calibrated for that flavour."""
         from .export.api import export_model
-        from .engine.checkpoint import load_checkpoint
+        from .io import load_checkpoint
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "export"
         out.mkdir(parents=True, exist_ok=True)

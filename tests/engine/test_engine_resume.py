@@ -6,7 +6,7 @@ import torch
 
 from engine_testutils import TinyDetector, detection_loss, make_cfg, make_loader
 from yolo_q.engine import CheckpointError, Hook, Trainer, default_hooks, seed_everything
-from yolo_q.engine.checkpoint import save_checkpoint
+from yolo_q.io import save_checkpoint
 from yolo_q.optim import build_optimizer
 
 # warm-up ends inside epoch 2; 5 iterations/epoch with accumulate 2 (a short window per epoch);

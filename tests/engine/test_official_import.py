@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from yolo_q import build_model, load_config, load_model
-from yolo_q.engine.checkpoint import CheckpointError, read_official_checkpoint
+from yolo_q.io import CheckpointError, read_official_checkpoint
 
 # our class name -> (official module, official class name)
 OFFICIAL_NAMES = {

@@ -89,7 +89,7 @@ def _pseudo_label_val(model: torch.nn.Module, per_image: int = 3) -> None:
 @functools.lru_cache(maxsize=None)
 def _float_checkpoint() -> Path:
     from yolo_q.config import config_to_dict
-    from yolo_q.engine.checkpoint import save_checkpoint
+    from yolo_q.io import save_checkpoint
     from yolo_q.models import build_model
 
     c = cfg()

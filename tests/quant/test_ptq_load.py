@@ -5,7 +5,7 @@ import torch
 from test_ptq_fixtures import IMG, setup
 from yolo_q import load_model
 from yolo_q.config import config_to_dict
-from yolo_q.engine.checkpoint import CheckpointError, save_checkpoint
+from yolo_q.io import CheckpointError, save_checkpoint
 from yolo_q.eval import TorchBackend
 from yolo_q.quant import load_quantized, quant_state, quantize_model, quantized_layers
 from yolo_q.quant.modules import QuantLayerMixin

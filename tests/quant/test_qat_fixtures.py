@@ -99,7 +99,7 @@ def _pseudo_label_val(weights: Path, per_image: int = 3) -> None:
     are ``per_image`` boxes per image on average), post-processed as the evaluation does: the
     float model then ranks exactly its GT boxes first (mAP ~1)."""
     import cv2
-    from yolo_q.engine.checkpoint import load_model
+    from yolo_q import load_model
     from yolo_q.eval.postprocess import postprocess
     model = load_model(weights)
     files = sorted((data_yaml().parent / "images" / "val").iterdir())
@@ -134,7 +134,8 @@ def calibrated_checkpoint(flavour: str = "tensorrt", skip: tuple = ()) -> Path:
 
 def _make_calibrated(flavour: str, skip: tuple, path: Path) -> Path:
     from omegaconf import OmegaConf
-    from yolo_q.engine.checkpoint import load_model, save_checkpoint
+    from yolo_q import load_model
+    from yolo_q.io import save_checkpoint
     from yolo_q.quant import calibrate, convert, quant_state
     from yolo_q.quant.ptq import calibration_batches
 

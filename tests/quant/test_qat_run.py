@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 import test_qat_fixtures as F
 from yolo_q.engine import Hook
-from yolo_q.engine.checkpoint import load_model, save_checkpoint
+from yolo_q import load_model
+from yolo_q.io import save_checkpoint
 from yolo_q.optim import WarmupScheduler
 from yolo_q.quant import (activation_quantizers, all_quantizers, is_quantized, quant_state,
                           weight_quantizers)

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from quant_testutils import IMG, calib_batches, calibrated, images, tiny_cfg, tiny_fused
-from yolo_q.engine.checkpoint import load_checkpoint, save_checkpoint
+from yolo_q.io import load_checkpoint, save_checkpoint
 from yolo_q.models import build_model
 from yolo_q.quant import (CalibrationError, QuantConv2d, QuantConvTranspose2d, QuantMaxPool2d,
                           QuantStateError, TensorQuantizer, all_quantizers, calibrate,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reliability_utils import PY, subprocess_env
-from yolo_q.engine.checkpoint import load_checkpoint, save_checkpoint
+from yolo_q.io import load_checkpoint, save_checkpoint
 from yolo_q.engine.hooks import _atomic_copy
 
 # A zygote imports torch once, then forks one saver per round; the test SIGKILLs the saver at a
@@ -20,7 +20,7 @@ from yolo_q.engine.hooks import _atomic_copy
 SAVER = r"""
 import os, sys, torch
 from pathlib import Path
-from yolo_q.engine.checkpoint import save_checkpoint
+from yolo_q.io import save_checkpoint
 from yolo_q.engine.hooks import _atomic_copy
 last = Path(sys.argv[1]); best = last.with_name("best.pt")
 big = torch.zeros(int(sys.argv[2]))

@@ -5,7 +5,7 @@ import random
 
 from reliability_utils import tiny_cfg, tiny_dataset
 from yolo_q.engine import Hook
-from yolo_q.engine.checkpoint import load_checkpoint
+from yolo_q.io import load_checkpoint
 from yolo_q.engine.train import train
 
 

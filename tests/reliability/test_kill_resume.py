@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from reliability_utils import TIMING_KEYS, start_tool, tiny_dataset, train_overrides
-from yolo_q.engine.checkpoint import load_checkpoint
+from yolo_q.io import load_checkpoint
 
 EPOCHS, ITERS = 3, 4  # 16 images, batch 4
 # the kill points come from this seed; every value must pass (YOLOQ_FAULT_SEED=... to explore)
@@ -108,7 +108,8 @@ def _qat_inputs(tmp_path, cfg_path):
     """A float (teacher) checkpoint and a max-calibrated PTQ checkpoint of the tiny model, in
     the agreed formats (the weights need not be trained for an equality test)."""
     from yolo_q.config import config_to_dict, load_config
-    from yolo_q.engine.checkpoint import load_model, save_checkpoint
+    from yolo_q import load_model
+    from yolo_q.io import save_checkpoint
     from yolo_q.models import build_model
     from yolo_q.quant import calibrate, calibration_batches, convert, quant_state
 

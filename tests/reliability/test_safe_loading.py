@@ -15,8 +15,9 @@ import torch.nn as nn
 
 from reliability_utils import REPO, run_tool, tiny_cfg, tiny_dataset
 from yolo_q import load_model
-from yolo_q.engine.checkpoint import (CheckpointError, _restricted_pickle, load_checkpoint,
-                                      read_checkpoint_any, read_official_checkpoint)
+from yolo_q.io import (CheckpointError, load_checkpoint, read_checkpoint_any,
+                       read_official_checkpoint)
+from yolo_q.io.official import _restricted_pickle
 
 # ----------------------------------------------------------------------------- static check
 SCANNED = ("yolo_q", "tools", "deploy", "datasets", "benchmarks")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from yolo_q import load_config, load_model
-from yolo_q.engine.checkpoint import save_checkpoint
+from yolo_q.io import save_checkpoint
 from yolo_q.engine.trainer import config_dict
 from yolo_q.export.qdq import conv_quantization
 

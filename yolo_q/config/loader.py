@@ -11,6 +11,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..io import write_text_atomic
 from .schema import CHOICES, Config
 
 PathLike = Union[str, os.PathLike]
@@ -158,12 +159,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
 
 def save_config(cfg: DictConfig, path: PathLike) -> Path:
     """Write the fully resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def config_from_dict(data: dict) -> DictConfig:

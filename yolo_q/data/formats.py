@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import yaml
+
+from ..io import write_bytes_atomic
 
 LOGGER = logging.getLogger("yolo_q.data")
 PathLike = Union[str, os.PathLike]
@@ -463,15 +464,7 @@ def save_cache(path: PathLike, payload: Dict[str, np.ndarray]) -> Optional[Path]
         if not _writable_dir(cand.parent):
             continue
         try:
-            cand.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{cand.name}.", suffix=".tmp", dir=cand.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **payload)
-                os.replace(tmp, cand)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_bytes_atomic(cand, lambda f: np.savez(f, **payload))
             return cand
         except OSError as e:
             LOGGER.debug("label cache not writable at %s (%s)", cand, e)

@@ -1,5 +1,5 @@
 """Training engine: the :class:`Trainer` loop, its hooks, checkpoint I/O and DDP helpers."""
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..io import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import (barrier, get_rank, get_world_size, init_distributed, is_main_process,
                           reduce_dict, resolve_device, unwrap_model, wrap_model)
 from .hooks import (CheckpointHook, EMAHook, EvalHook, Hook, ModelEMA, ProgressHook,

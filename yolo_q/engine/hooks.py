@@ -10,10 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -22,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..optim import WarmupScheduler
-from .checkpoint import save_checkpoint
+from ..io import atomic_path, save_checkpoint
 from .distributed import broadcast_object, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -236,15 +234,8 @@ class CheckpointHook(Hook):
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- logging

@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 from ..config import save_config
 from ..data import build_dataloader, build_datasets_from_config
 from ..losses import DetectionLoss
+from ..io import load_state_into, read_checkpoint_any
 from ..models import build_model
-from .checkpoint import load_model, load_state_into
+from ..models.loading import float_model_from_state
 from .distributed import cleanup, init_distributed
 from .hooks import Hook, default_hooks
 from .rundir import make_run_dir
@@ -82,7 +83,7 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
 
         model = build_model(cfg)
         if weights:
-            src = load_model(weights, cfg=cfg)
+            src = float_model_from_state(cfg, read_checkpoint_any(weights)["model"], str(weights))
             load_state_into(model, src.state_dict(), str(weights))
         optimizer = build_optimizer_for(model, cfg, world, reinit=not (resume or weights))
         loader = build_dataloader(train_ds, t.batch_size, shuffle=True, workers=cfg.data.workers,

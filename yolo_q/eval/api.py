@@ -21,7 +21,7 @@ def config_for(weights: Optional[str], config: Optional[str], overrides=()):
     if config:
         return load_config(config, overrides)
     if weights and str(weights).endswith((".pt", ".pth")):
-        from ..engine.checkpoint import read_checkpoint_any
+        from ..io import read_checkpoint_any
         stored = read_checkpoint_any(weights).get("config")
         if stored:
             return apply_overrides(config_from_dict(stored), overrides)

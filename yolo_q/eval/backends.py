@@ -288,7 +288,7 @@ def build_backend(kind: str, source=None, **kwargs) -> Backend:
     if kind == "torch":
         if isinstance(source, torch.nn.Module):
             return TorchBackend(source, **kwargs)
-        from yolo_q import load_model
+        from ..quant.load import load_model
         cfg = kwargs.pop("cfg", None)
         device = kwargs.pop("device", "cpu")
         fuse = kwargs.pop("fuse", True)

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..io import write_text_atomic
+
 __all__ = ["STAT_NAMES", "COCOEvaluator", "coco_gt_from_dataset", "load_class_map",
            "plot_pr_curves"]
 
@@ -321,13 +323,7 @@ class COCOEvaluator:
 
     def save_json(self, path: PathLike) -> Path:
         """Write the predictions as a COCO results JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.results(), f)
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, json.dumps(self.results()))
 
     # ---------------------------------------------------------------- metrics
     def _empty_summary(self, reason: str) -> Dict[str, Any]:

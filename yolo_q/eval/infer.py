@@ -208,7 +208,7 @@ def run_inference(cfg, backend: str, model_source, source: PathLike, out_dir: Pa
     kw = dict(backend_kwargs)
     if backend == "torch" and isinstance(model_source, (str, os.PathLike)):
         # the checkpoint's own config (inferred for official ones); cfg for a plain state dict
-        from ..engine.checkpoint import read_checkpoint_any
+        from ..io import read_checkpoint_any
         ck = read_checkpoint_any(model_source)
         if ck.get("config") is None and ck.get("source") != "official":
             kw.setdefault("cfg", cfg)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-__all__ = ["EXPORT_FLAVOURS", "ExportError", "default_output", "load_checkpoint_model",
+__all__ = ["EXPORT_FLAVOURS", "ExportError", "default_output",
            "quick_ptq", "export_model"]
 
 EXPORT_FLAVOURS = ("float", "tensorrt", "onnxruntime")
@@ -38,33 +38,16 @@ def default_output(weights, flavour: str, img_size: int) -> Path:
     return w.with_name(f"{w.stem}{tag}_{img_size}.onnx")
 
 
-def load_checkpoint_model(weights, cfg):
-    """``(model, has_quant)`` for a checkpoint path. The model is built from the config stored
-    in the checkpoint (inferred for official YOLOv6 checkpoints), like ``tools/eval.py``; ``cfg``
-    only for a plain state dict, which has neither."""
-    import yolo_q
-    from ..engine.checkpoint import read_checkpoint_any
-    ck = read_checkpoint_any(weights)
-    own = ck.get("config") is not None or ck.get("source") == "official"
-    return yolo_q.load_model(weights, cfg=None if own else cfg), bool(ck.get("quant"))
-
-
 def quick_ptq(model_fused: torch.nn.Module, cfg, flavour: str, batches: Iterable,
               method: str = "max", num_batches: Optional[int] = None,
               progress: bool = False) -> torch.nn.Module:
     """Convert a FUSED float model for ``flavour`` (other options from ``cfg.quant``) and
     calibrate it on ``batches`` (uint8 or float image tensors). Returns the fake-quant model."""
-    from ..quant import calibrate, convert
-    q = convert(model_fused, cfg, flavour=flavour)
-    with torch.no_grad():
-        prev = torch.set_flush_denormal(True)
-        try:
-            calibrate(q, batches, method=method, num_batches=num_batches, progress=progress,
-                      strict=False)
-        finally:
-            if not prev:
-                torch.set_flush_denormal(False)
-    return q
+    from ..io import flush_denormal
+    from ..quant.ptq import quantize_model
+    with torch.no_grad(), flush_denormal():
+        return quantize_model(model_fused, cfg, batches, method=method, progress=progress,
+                              flavour=flavour, strict=False, num_batches=num_batches)
 
 
 def _names(cfg) -> Optional[list]:
@@ -88,7 +71,7 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
     NMS kind (default ``tensorrt`` for the tensorrt flavour, else ``onnxruntime``).
     Returns ``{"path", "flavour", "quantized", "calibrated_here", "info"}`` (``info``:
     :func:`yolo_q.export.onnx_info`)."""
-    from ..quant import is_quantized, quant_state, set_quant_enabled
+    from ..quant import is_quantized, load_model, quant_state, set_quant_enabled
     from .onnx import export_onnx, onnx_info
     from .qdq import export_qdq
 
@@ -97,7 +80,8 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
         model, has_quant = weights.eval(), is_quantized(weights)
         src = "model"
     else:
-        model, has_quant = load_checkpoint_model(weights, cfg)
+        model = load_model(weights, cfg, stored_config_first=True)
+        has_quant = is_quantized(model)
         src = str(weights)
     model_flavour = quant_state(model)["flavour"] if has_quant else None
     flavour = flavour or model_flavour or "float"

@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..io import atomic_path
+
 __all__ = ["E2E_OUTPUTS", "export_onnx", "add_nms_onnxruntime", "add_nms_tensorrt",
            "onnx_info", "shared_initializers"]
 
@@ -117,10 +119,8 @@ def export_onnx(model: torch.nn.Module, path: PathLike, img_size=640, batch: int
     if not (end2end and nms == "tensorrt"):  # the plugin op has no ONNX schema
         onnx.checker.check_model(proto)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     return path
 
 

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..io import atomic_path
 from ..quant.convert import FLAVOURS, all_quantizers, is_quantized, quant_state
 
 PathLike = Union[str, os.PathLike]
@@ -115,13 +116,11 @@ def _torch_export(model, path, img_size, batch, opset, dynamic_batch, raw_output
     out_names = ["cls_logits", "reg"]
     model = _RawOutputs(model)
     dyn = {n: {0: "batch"} for n in ["images", *out_names]} if dynamic_batch else None
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, x, str(tmp), opset_version=opset, input_names=["images"],
                           output_names=out_names, dynamic_axes=dyn, do_constant_folding=True,
                           dynamo=False)
-    os.replace(tmp, path)
 
 
 class _RawOutputs(nn.Module):
@@ -213,9 +212,8 @@ def _inline_identity_initializers(path: Path) -> None:
     del proto.graph.node[:]
     proto.graph.node.extend(keep)
     onnx.checker.check_model(proto)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 # ------------------------------------------------------------------------------ graph checks

@@ -46,7 +46,7 @@ def extract_scales(model: torch.nn.Module) -> Scales:
 
 
 def save_scales(model: torch.nn.Module, path: Union[str, Path]) -> Path:
-    from ..engine.checkpoint import save_checkpoint
+    from ..io import save_checkpoint
     scales = extract_scales(model)
     if not scales:
         raise ScalesError("the model has no LinearAddBlock (hyper-search) layers to extract")
@@ -54,7 +54,7 @@ def save_scales(model: torch.nn.Module, path: Union[str, Path]) -> Path:
 
 
 def load_scales(path: Union[str, Path]) -> Scales:
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..io import CheckpointError, load_checkpoint
     try:
         obj = load_checkpoint(path)
     except CheckpointError as e:

@@ -10,8 +10,8 @@ Typical PTQ::
     # later: restore(build_model(cfg).fuse(), ckpt["quant_state"], ckpt["model"])
 
 End to end (``tools/ptq.py``): :func:`run_ptq` (calibration, float vs PTQ mAP, sensitivity
-analysis, partial quantization, checkpoint); :func:`load_quantized` rebuilds a saved
-checkpoint (``yolo_q.load_model("ptq.pt")`` calls it).
+analysis, partial quantization, checkpoint); :func:`yolo_q.load_model` (:mod:`.load`) rebuilds a
+saved checkpoint.
 """
 from .calibrators import HistogramCalibrator, MaxCalibrator, make_calibrator
 from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, QuantStateError,
@@ -23,7 +23,8 @@ from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, Qua
 from .integer import integer_check, quantize_multiplier, requantize
 from .modules import QUANT_MODULES, QuantConv2d, QuantConvTranspose2d, QuantMaxPool2d
 from .partial import float_layers_in_onnx, search_max_drop, skip_top
-from .ptq import calibration_batches, load_quantized, quantize_model, run_ptq
+from .load import load_model, load_quantized
+from .ptq import calibration_batches, quantize_model, run_ptq
 from .sensitivity import (exact_sensitivity, proxy_sensitivity, sensitivity_analysis,
                           spearman)
 from .tensor_quantizer import AMAX_EPS, QuantizerError, TensorQuantizer
@@ -38,6 +39,6 @@ __all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramC
            "quantize_multiplier", "quantize_only", "quantized_layers", "requantize",
            "resolve_settings", "restore", "set_quant_enabled", "weight_quantizers",
            # PTQ, sensitivity, partial quantization
-           "calibration_batches", "exact_sensitivity", "float_layers_in_onnx", "load_quantized",
+           "calibration_batches", "exact_sensitivity", "float_layers_in_onnx", "load_model", "load_quantized",
            "proxy_sensitivity", "quantize_model", "run_ptq", "search_max_drop",
            "sensitivity_analysis", "skip_top", "spearman"]

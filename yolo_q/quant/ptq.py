@@ -1,5 +1,5 @@
-"""Post-training quantization end to end (:func:`run_ptq`, behind ``tools/ptq.py``) and loading
-of quantized checkpoints (:func:`load_quantized`, used by :func:`yolo_q.load_model`).
+"""Post-training quantization end to end (:func:`run_ptq`, behind ``tools/ptq.py``); quantized
+checkpoints load with :func:`yolo_q.load_model` (:mod:`yolo_q.quant.load`).
 
 ``run_ptq``: float checkpoint (EMA weights) -> fused model -> :func:`~yolo_q.quant.convert` by
 ``cfg.quant`` -> calibration on ``quant.calib_batches`` x ``quant.calib_batch_size`` TRAINING
@@ -29,21 +29,6 @@ from .convert import (CalibrationError, calibrate, convert, is_quantized, quant_
                       quantized_layers)
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------ loading
-def load_quantized(cfg, state_dict: Dict[str, torch.Tensor], quant_state: dict,
-                   source: str = "quantized checkpoint") -> nn.Module:
-    """Rebuild a fake-quant model: ``build_model(cfg).fuse()`` -> ``convert(state=quant_state)``
-    -> strict ``load_state_dict`` (mismatches are named). Returns the model in eval mode."""
-    from ..engine.checkpoint import load_state_into
-    from ..models import build_model
-
-    if not isinstance(quant_state, dict) or "layers" not in quant_state:
-        raise ValueError(f"{source}: 'quant' entry is not a yolo_q quant state")
-    model = convert(build_model(cfg).fuse(), state=quant_state)
-    load_state_into(model, state_dict, source)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------ data
@@ -140,15 +125,20 @@ def make_map_fn(cfg, val_ds, batches, max_images: Optional[int] = None, progress
 # ------------------------------------------------------------------------------ quantize
 def quantize_model(fused: nn.Module, cfg, batches: Sequence[torch.Tensor],
                    skip: Sequence[str] = (), method: Optional[str] = None,
-                   progress: bool = True) -> nn.Module:
-    """``convert`` a copy of the fused float model by ``cfg.quant`` with the extra float layers
-    ``skip`` added to ``quant.skip_layers``, then calibrate it on ``batches``. A quantizer that
-    no calibration data reached is named in a :class:`CalibrationError`."""
+                   progress: bool = True, flavour: Optional[str] = None, strict: bool = True,
+                   num_batches: Optional[int] = None) -> nn.Module:
+    """``convert`` a copy of the fused float model by ``cfg.quant`` (``flavour`` overrides it)
+    with the extra float layers ``skip`` added to ``quant.skip_layers``, then calibrate it on
+    ``num_batches`` of ``batches`` (default: all). With ``strict``, a quantizer that no
+    calibration data reached is named in a :class:`CalibrationError`."""
     base = [str(s) for s in (cfg.quant.skip_layers or [])]
-    qmodel = convert(fused, cfg, skip_layers=base + [s for s in skip if s not in base])
+    extra = {"flavour": flavour} if flavour else {}
+    qmodel = convert(fused, cfg, skip_layers=base + [s for s in skip if s not in base], **extra)
+    if num_batches is None and hasattr(batches, "__len__"):
+        num_batches = len(batches)
     try:
-        calibrate(qmodel, batches, method=method or cfg.quant.calib, num_batches=len(batches),
-                  progress=progress, strict=True)
+        calibrate(qmodel, batches, method=method or cfg.quant.calib, num_batches=num_batches,
+                  progress=progress, strict=strict)
     except CalibrationError as e:
         e.user_facing = True  # tools print it as one line
         raise
@@ -285,8 +275,8 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
 
     from ..config import config_to_dict, save_config
     from ..data import build_dataloader, build_datasets_from_config
-    from ..engine.checkpoint import load_model, save_checkpoint
-    from ..engine.trainer import flush_denormal
+    from ..io import flush_denormal, save_checkpoint
+    from .load import load_model
     from . import partial as partial_mod
     from .sensitivity import MODES, jsonable
 
@@ -425,4 +415,4 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
 
 
 __all__ = ["calibration_batches", "calibration_dataset", "cached_val_batches",
-           "format_comparison", "load_quantized", "make_map_fn", "quantize_model", "run_ptq"]
+           "format_comparison", "make_map_fn", "quantize_model", "run_ptq"]

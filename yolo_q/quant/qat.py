@@ -40,11 +40,12 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from ..engine.checkpoint import (CheckpointError, load_checkpoint, load_state_into,
-                                 read_checkpoint_any)
+from ..io import CheckpointError, load_checkpoint, read_checkpoint_any
 from ..engine.hooks import Hook, WarmupLRHook
-from .convert import (QuantStateError, all_quantizers, apply_shared_scales, convert,
+from ..models.loading import float_model_from_state
+from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
                       enable_range_ema, is_quantized, quant_state, quantized_layers)
+from .load import load_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -105,25 +106,12 @@ def model_config_diff(a, b) -> List[str]:
             if fa.get(k) != fb.get(k)]
 
 
-def _load_quantized(cfg, state_dict: Dict[str, torch.Tensor], state: dict,
-                    source: str = "checkpoint") -> nn.Module:
-    """Fallback for :func:`yolo_q.quant.load_quantized`: ``convert(build_model(cfg).fuse(),
-    state=state)`` + strict load of ``state_dict``."""
-    from ..models import build_model
-    model = convert(build_model(cfg).fuse(), state=state)
-    load_state_into(model, state_dict, source)
-    return model.eval()
-
-
 def build_quantized(cfg, state_dict: Dict[str, torch.Tensor], state: dict,
                     source: str = "checkpoint") -> nn.Module:
-    """The quantized model of a checkpoint (``yolo_q.quant.load_quantized`` when available)."""
-    from .. import quant
-    loader = getattr(quant, "load_quantized", None)
+    """The quantized model of a checkpoint (:func:`~yolo_q.quant.load.load_quantized`), with
+    QAT's error messages."""
     try:
-        if loader is not None:
-            return loader(cfg, state_dict, state)
-        return _load_quantized(cfg, state_dict, state, source)
+        return load_quantized(cfg, state_dict, state, source)
     except CheckpointError as e:
         raise QATError(str(e) if source in str(e) else f"{source}: {e}") from None
     except (QuantStateError, RuntimeError, KeyError) as e:
@@ -186,16 +174,10 @@ def _join(diff: List[str], n: int = 6) -> str:
 
 def load_teacher(path, ck: Dict[str, Any], cfg, device="cpu") -> nn.Module:
     """The float teacher, fused, in eval mode, without gradients."""
-    from ..models import build_model
-    model = build_model(cfg)
-    sd = ck["model"]
-    if not any(".bn." in k or k.endswith("rbr_identity.weight") for k in sd):
-        model.fuse()  # deploy-form weights
     try:
-        load_state_into(model, sd, f"teacher {path}")
+        model = float_model_from_state(cfg, ck["model"], f"teacher {path}", fuse=True)
     except CheckpointError as e:
         raise QATError(f"{e} (teacher and student must be the same network)") from None
-    model.fuse()
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -297,7 +279,7 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
     from ..config import apply_overrides, config_from_dict
     from ..config.loader import validate_choices
     from ..engine.distributed import cleanup, init_distributed
-    from ..engine.trainer import flush_denormal
+    from ..io import flush_denormal
 
     # -- inputs: checkpoints first (cheap checks, clear messages) ---------------------------
     resume_ck = load_checkpoint(resume) if resume else None

@@ -49,6 +49,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..io import jsonable
 from .convert import (_check_names, _to_input, all_quantizers, disable_layers, quantize_only,
                       quantized_layers)
 from .modules import QuantLayerMixin
@@ -382,23 +383,6 @@ def _num_images(batch) -> int:
     elif isinstance(batch, (list, tuple)):
         batch = batch[0]
     return len(batch)
-
-
-def jsonable(obj):
-    """Plain JSON types (NaN/inf -> None, tensors/numpy scalars -> float)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (str, bool)) or obj is None:
-        return obj
-    if isinstance(obj, int):
-        return obj
-    try:
-        v = float(obj)
-    except (TypeError, ValueError):
-        return str(obj)
-    return v if math.isfinite(v) else None
 
 
 def _descending_ranks(names: List[str], scores: Dict[str, float]) -> Dict[str, int]:

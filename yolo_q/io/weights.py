@@ -1,0 +1,38 @@
+"""Read any weights file: a yolo_q checkpoint, a plain state dict or an official YOLOv6 one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from .checkpoint import CheckpointError, PathLike
+from .official import read_official_checkpoint
+
+
+def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
+    """Read a yolo_q checkpoint, a plain state dict, or an official YOLOv6 checkpoint.
+
+    Returns ``{"model": state_dict, "config": dict|None, "quant": dict|None, "source": str}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_err:  # noqa: BLE001 - maybe an official (pickled-module) checkpoint
+        sd = read_official_checkpoint(path)
+        return {"model": sd, "config": None, "quant": None, "source": "official",
+                "note": str(safe_err).splitlines()[0] if str(safe_err) else ""}
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
+        sd = ckpt.get("ema") if isinstance(ckpt.get("ema"), dict) and ckpt.get("ema") else ckpt["model"]
+        return {"model": sd, "config": ckpt.get("config"), "quant": ckpt.get("quant"),
+                "source": "yolo_q"}
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return {"model": ckpt, "config": None, "quant": None, "source": "state_dict"}
+    raise CheckpointError(f"{path}: unrecognised checkpoint layout "
+                          f"(top-level keys: {sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+
+
+def is_deploy_form(sd: Dict[str, torch.Tensor]) -> bool:
+    return not any(".bn." in k or k.endswith("rbr_identity.weight") for k in sd)
