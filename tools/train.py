@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from yolo_q.cli import add_config_args, config_from_args, run_tool
-from yolo_q.engine.train import train
+from yolo_q.training import train
 
 
 def get_args_parser():

@@ -13,7 +13,6 @@ ratios are only computed between rows of the same run. Denormals are flushed to 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -21,13 +20,23 @@ import platform
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .io import flush_denormal
+from .data.images import image_batches
+from .engine.fit import build_optimizer_for
+from .eval.backends import TrtBackend, load_deploy_trt
+from .export.api import quick_ptq
+from .export.onnx import export_onnx, shared_initializers
+from .export.qdq import export_qdq, ort_optimized_op_counts, resolve_ort_weights
+from .io import flush_denormal, read_checkpoint_any
+from .losses import DetectionLoss
+from .models import build_model
+from .quant import is_quantized, load_model, quant_state
 
 __all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
            "randomize_weights", "random_targets", "make_train_step", "train_benchmark",
@@ -166,9 +175,6 @@ def make_train_step(cfg, batch: int = 8, img_size: int = 320, seed: int = 0,
     images and targets: forward, ``DetectionLoss``, backward, SGD/AdamW step (the configured
     optimizer and parameter groups), zero grads. Returns ``(step, model)``; ``step()`` returns
     the loss."""
-    from .engine.train import build_optimizer_for
-    from .losses import DetectionLoss
-    from .models import build_model
 
     torch.manual_seed(seed)
     cfg = copy.deepcopy(cfg)
@@ -275,24 +281,85 @@ def _quantize_static(fp32_onnx: Path, out: Path, calib: Sequence[np.ndarray]) ->
 def _trt_available() -> Optional[str]:
     """None when TensorRT + CUDA can run here, else why not (one line)."""
     try:
-        from .eval.backends import load_deploy_trt
         load_deploy_trt().require_tensorrt()
         return None
     except Exception as e:  # noqa: BLE001
         return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-ROW_LABELS = {
-    "torch_eager": "torch FP32 eager (unfused)",
-    "torch_fused": "torch FP32 fused",
-    "ort_fp32": "ORT FP32",
-    "ort_int8_onnxruntime": "ORT INT8 ours (onnxruntime flavour)",
-    "ort_int8_tensorrt": "ORT INT8 ours (tensorrt flavour)",
-    "ort_quantize_static": "ORT INT8 quantize_static (reference)",
-    "trt_fp16": "TensorRT FP16",
-    "trt_int8": "TensorRT INT8 (tensorrt flavour)",
+# ------------------------------------------------------------------------------ runtimes
+@dataclass
+class Runtime:
+    """One row of the speed table: its label, the ONNX file it runs (a key of the exported files;
+    None for torch) and ``runner(bench, onnx_path) -> prepare(x_tensor, x_numpy) -> (fn, sync)``.
+    Adding a runtime is one entry in :data:`RUNTIMES`."""
+    label: str
+    onnx: Optional[str]
+    runner: Callable
+    needs_tensorrt: bool = False
+
+
+def _torch_runner(attr: str):
+    def runner(bench: "_Bench", path):
+        model = getattr(bench, attr)
+        return lambda x_t, x_np: (lambda: _torch_run(model, x_t), None)
+    return runner
+
+
+def _ort_runner(bench: "_Bench", path):
+    session = _ort_session(path, bench.threads, bench.ort_spin)
+    name = session.get_inputs()[0].name
+    return lambda x_t, x_np: (lambda: session.run(None, {name: x_np}), None)
+
+
+def _trt_runner(**kwargs):
+    def runner(bench: "_Bench", path):
+        engine = TrtBackend(path, fp16=True, max_batch=bench.max_batch, **kwargs)
+
+        def prepare(x_t, x_np):
+            xg = x_t.to(engine.device)
+            return (lambda: engine(xg)), engine.synchronize
+        return prepare
+    return runner
+
+
+RUNTIMES: Dict[str, Runtime] = {
+    "torch_eager": Runtime("torch FP32 eager (unfused)", None, _torch_runner("eager")),
+    "torch_fused": Runtime("torch FP32 fused", None, _torch_runner("fused")),
+    "ort_fp32": Runtime("ORT FP32", "ort_fp32", _ort_runner),
+    "ort_int8_onnxruntime": Runtime("ORT INT8 ours (onnxruntime flavour)", "ort_int8_onnxruntime",
+                                    _ort_runner),
+    "ort_int8_tensorrt": Runtime("ORT INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
+                                 _ort_runner),
+    "ort_quantize_static": Runtime("ORT INT8 quantize_static (reference)", "ort_quantize_static",
+                                   _ort_runner),
+    "trt_fp16": Runtime("TensorRT FP16", "ort_fp32", _trt_runner(), needs_tensorrt=True),
+    "trt_int8": Runtime("TensorRT INT8 (tensorrt flavour)", "ort_int8_tensorrt",
+                        _trt_runner(int8=True), needs_tensorrt=True),
 }
+ROW_LABELS = {k: r.label for k, r in RUNTIMES.items()}
 DEFAULT_ROWS = tuple(ROW_LABELS)
+
+
+@dataclass
+class _Bench:
+    """The models, files and settings the stages of :func:`speed_benchmark` share."""
+    cfg: Any
+    rows: Sequence[str]
+    img_size: int
+    threads: int
+    ort_spin: bool
+    max_batch: int
+    work: Path
+    log: Callable[[str], None]
+    notes: List[str] = field(default_factory=list)
+    eager: Any = None
+    fused: Any = None
+    source: str = ""
+    qmodels: Dict[str, torch.nn.Module] = field(default_factory=dict)
+    calib_batches: List[torch.Tensor] = field(default_factory=list)
+    calib_src: str = ""
+    onnx_files: Dict[str, Path] = field(default_factory=dict)
 
 
 def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_size: int = 640,
@@ -313,158 +380,167 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
     ``ort_spin``: let ORT's idle threads busy-wait (its default; off here, see
     :func:`_ort_session`).
     """
-    from .io import read_checkpoint_any
-    from .export.api import quick_ptq
-    from .export.onnx import export_onnx, shared_initializers
-    from .export.qdq import export_qdq, ort_optimized_op_counts
-    from .models import build_model
-    from .quant import is_quantized, load_model, quant_state
-
     unknown = [r for r in rows if r not in ROW_LABELS]
     if unknown:
         raise ValueError(f"unknown benchmark row(s) {unknown}; choose from {', '.join(ROW_LABELS)}")
     if img_size % 32:
         raise ValueError(f"--imgsz {img_size} must be a multiple of 32")
     torch.set_num_threads(int(threads))
-    denormal = contextlib.ExitStack()
-    denormal.enter_context(flush_denormal())
-    tmp = None
-    if work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="yolo_q_bench_")
-        work_dir = tmp.name
-    work = Path(work_dir)
+    tmp = tempfile.TemporaryDirectory(prefix="yolo_q_bench_") if work_dir is None else None
+    work = Path(tmp.name if tmp is not None else work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    notes: List[str] = []
+    bench = _Bench(cfg, rows, img_size, threads, ort_spin, max(batches), work, log)
     try:
-        # ---- models
-        if weights:
-            model = load_model(weights, cfg, stored_config_first=True)
-            has_quant = is_quantized(model)
-            if has_quant:
-                raise ValueError(f"{weights}: a quantized checkpoint; pass it as --quant-weights "
-                                 f"(--weights is the float model)")
-            cfg = getattr(model, "yolo_q_config", cfg)
-            source = str(weights)
-        else:
-            model = randomize_weights(build_model(cfg), seed).eval()
-            source = "random weights (randomize_weights)"
-        eager = model.eval()
-        fused = copy.deepcopy(eager).fuse().eval()
-        qmodels: Dict[str, torch.nn.Module] = {}
-        for qw in quant_weights:
-            if not read_checkpoint_any(qw).get("quant"):
-                raise ValueError(f"{qw}: not a quantized checkpoint (no 'quant' entry)")
-            qm = load_model(qw)
-            qmodels[quant_state(qm)["flavour"]] = qm
-            notes.append(f"INT8 {quant_state(qm)['flavour']} flavour from {qw}")
-        # ---- calibration images (also for quantize_static)
-        if calib is not None:
-            from .eval.infer import image_batches
-            calib_batches = list(image_batches(calib, img_size, 4, limit=calib_num))
-            calib_src = str(calib)
-        else:
-            calib_batches = [random_images(min(4, calib_num - i), img_size, seed + 100 + i)
-                             for i in range(0, calib_num, 4)]
-            calib_src = "random images"
-        # ---- ONNX files
-        onnx_files: Dict[str, Path] = {}
-        need_onnx = [r for r in rows if r.startswith(("ort_", "trt_"))]
-        if need_onnx:
-            log("exporting float ONNX ...")
-            onnx_files["ort_fp32"] = export_onnx(fused, work / "fp32.onnx", img_size=img_size,
-                                                 dynamic_batch=True, simplify=False)
-            shared = shared_initializers(onnx_files["ort_fp32"])
-            if shared:
-                notes.append(f"float ONNX shares {len(shared)} conv initializers (identical "
-                             f"weights/biases, e.g. an untrained model): quantize_static cannot "
-                             f"quantize those per layer")
-        for flavour in ("onnxruntime", "tensorrt"):
-            key = f"ort_int8_{flavour}"
-            if key not in rows and not (flavour == "tensorrt" and "trt_int8" in rows):
-                continue
-            qm = qmodels.get(flavour)
-            if qm is None:
-                log(f"quick PTQ ({calib_method}, {calib_src}) for the {flavour} flavour ...")
-                qm = quick_ptq(fused, cfg, flavour, calib_batches, method=calib_method)
-                notes.append(f"INT8 {flavour} flavour: quick PTQ ({calib_method} calibration on "
-                             f"{len(calib_batches)} batches of {calib_src})")
-            onnx_files[key] = export_qdq(qm, work / f"int8_{flavour}.onnx", flavour=flavour,
-                                         img_size=img_size, dynamic_batch=True,
-                                         ort_weights=str(cfg.export.ort_weights))
-            if flavour == "onnxruntime":
-                from .export.qdq import resolve_ort_weights
-                notes.append(f"INT8 onnxruntime flavour: "
-                             f"{resolve_ort_weights(str(cfg.export.ort_weights))} weights "
-                             f"(export.ort_weights={cfg.export.ort_weights})")
-        if "ort_quantize_static" in rows:
-            log("onnxruntime.quantization.quantize_static ...")
-            onnx_files["ort_quantize_static"] = _quantize_static(
-                onnx_files["ort_fp32"], work / "int8_quantize_static.onnx",
-                [(b.float() / 255).numpy() for b in calib_batches])
-        graph_ops = {}
-        for key, path in onnx_files.items():
-            if key.startswith("ort_int8") or key == "ort_quantize_static":
-                c = ort_optimized_op_counts(path)
-                graph_ops[key] = {k: int(c.get(k, 0)) for k in
-                                  ("QLinearConv", "Conv", "QuantizeLinear", "DequantizeLinear",
-                                   "QLinearConcat", "QLinearAdd", "MaxPool")}
-        trt_why = _trt_available() if any(r.startswith("trt_") for r in rows) else None
-        if trt_why:
-            notes.append(f"TensorRT rows skipped: {trt_why}")
-        # ---- callables
-        sessions = {k: _ort_session(p, threads, ort_spin) for k, p in onnx_files.items() if k in rows}
-        trt = {}
-        if not trt_why:
-            from .eval.backends import TrtBackend
-            if "trt_fp16" in rows:
-                trt["trt_fp16"] = TrtBackend(onnx_files["ort_fp32"], fp16=True,
-                                             max_batch=max(batches))
-            if "trt_int8" in rows:
-                trt["trt_int8"] = TrtBackend(onnx_files["ort_int8_tensorrt"], fp16=True,
-                                             int8=True, max_batch=max(batches))
-        results = []
-        for b in batches:
-            x_t = random_images(b, img_size, seed + b).float() / 255.0
-            x_np = x_t.numpy()
-            fns: Dict[str, Callable[[], Any]] = {}
-            sync: Dict[str, Callable[[], Any]] = {}
-            for r in rows:
-                if r == "torch_eager":
-                    fns[r] = lambda m=eager: _torch_run(m, x_t)
-                elif r == "torch_fused":
-                    fns[r] = lambda m=fused: _torch_run(m, x_t)
-                elif r in sessions:
-                    s = sessions[r]
-                    name = s.get_inputs()[0].name
-                    fns[r] = lambda s=s, name=name: s.run(None, {name: x_np})
-                elif r in trt:
-                    xg = x_t.to(trt[r].device)
-                    fns[r] = lambda e=trt[r], xg=xg: e(xg)
-                    sync[r] = trt[r].synchronize
-            n = iters if b == 1 else iters_large
-            log(f"batch {b}: {len(fns)} backends x {n} rounds (round-robin) ...")
-            times = round_robin(fns, n, warmup if b == 1 else min(warmup, 1), sync)
-            base = times.get("ort_fp32")
-            base_med = float(np.median(base)) if base else None
-            for r, t in times.items():
-                s = summarize_times(t, b)
-                row = {"row": r, "label": ROW_LABELS[r], "batch": b, "img_size": img_size,
-                       "threads": threads, **s,
-                       "speedup_vs_ort_fp32": (base_med / (s["median_ms"] / 1000)
-                                               if base_med else None)}
-                if r in graph_ops:
-                    row["ort_graph_ops"] = graph_ops[r]
-                results.append(row)
-        return {"rows": results, "cpu": cpu_info(), "notes": notes,
-                "settings": dict(model=str(cfg.model.name), weights=source, img_size=img_size,
-                                 batches=list(batches), threads=threads, warmup=warmup,
-                                 iters=iters, iters_large=iters_large, calib=calib_src,
-                                 calib_method=calib_method, ort_spin=ort_spin),
-                "onnx": {k: str(v) for k, v in onnx_files.items()} if tmp is None else {}}
+        with flush_denormal():
+            _bench_models(bench, weights, quant_weights, seed)
+            _bench_calibration(bench, calib, calib_num, seed)
+            _bench_onnx(bench, calib_method)
+            graph_ops = _graph_ops(bench.onnx_files)
+            prepares = _runners(bench)
+            results = _time_rows(bench, prepares, batches, seed, warmup, iters, iters_large,
+                                 graph_ops)
+        return {"rows": results, "cpu": cpu_info(), "notes": bench.notes,
+                "settings": dict(model=str(bench.cfg.model.name), weights=bench.source,
+                                 img_size=img_size, batches=list(batches), threads=threads,
+                                 warmup=warmup, iters=iters, iters_large=iters_large,
+                                 calib=bench.calib_src, calib_method=calib_method,
+                                 ort_spin=ort_spin),
+                "onnx": ({k: str(v) for k, v in bench.onnx_files.items()} if tmp is None
+                         else {})}
     finally:
-        denormal.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _bench_models(bench: _Bench, weights, quant_weights, seed: int) -> None:
+    """The float model (eager and fused copies) and the given quantized models by flavour."""
+    if weights:
+        model = load_model(weights, bench.cfg, stored_config_first=True)
+        if is_quantized(model):
+            raise ValueError(f"{weights}: a quantized checkpoint; pass it as --quant-weights "
+                             f"(--weights is the float model)")
+        bench.cfg = getattr(model, "yolo_q_config", bench.cfg)
+        bench.source = str(weights)
+    else:
+        model = randomize_weights(build_model(bench.cfg), seed).eval()
+        bench.source = "random weights (randomize_weights)"
+    bench.eager = model.eval()
+    bench.fused = copy.deepcopy(bench.eager).fuse().eval()
+    for qw in quant_weights:
+        if not read_checkpoint_any(qw).get("quant"):
+            raise ValueError(f"{qw}: not a quantized checkpoint (no 'quant' entry)")
+        qm = load_model(qw)
+        bench.qmodels[quant_state(qm)["flavour"]] = qm
+        bench.notes.append(f"INT8 {quant_state(qm)['flavour']} flavour from {qw}")
+
+
+def _bench_calibration(bench: _Bench, calib, calib_num: int, seed: int) -> None:
+    """Calibration images (quick PTQ and quantize_static): ``calib`` or random images."""
+    if calib is not None:
+        bench.calib_batches = list(image_batches(calib, bench.img_size, 4, limit=calib_num))
+        bench.calib_src = str(calib)
+    else:
+        bench.calib_batches = [random_images(min(4, calib_num - i), bench.img_size, seed + 100 + i)
+                               for i in range(0, calib_num, 4)]
+        bench.calib_src = "random images"
+
+
+def _bench_onnx(bench: _Bench, calib_method: str) -> None:
+    """The float ONNX, our INT8 QDQ ONNX per flavour (given or quick-PTQ models) and the
+    ``quantize_static`` reference, as the rows need them."""
+    rows, files, cfg = bench.rows, bench.onnx_files, bench.cfg
+    if any(r.startswith(("ort_", "trt_")) for r in rows):
+        bench.log("exporting float ONNX ...")
+        files["ort_fp32"] = export_onnx(bench.fused, bench.work / "fp32.onnx",
+                                        img_size=bench.img_size, dynamic_batch=True,
+                                        simplify=False)
+        shared = shared_initializers(files["ort_fp32"])
+        if shared:
+            bench.notes.append(f"float ONNX shares {len(shared)} conv initializers (identical "
+                               f"weights/biases, e.g. an untrained model): quantize_static "
+                               f"cannot quantize those per layer")
+    for flavour in ("onnxruntime", "tensorrt"):
+        key = f"ort_int8_{flavour}"
+        if key not in rows and not (flavour == "tensorrt" and "trt_int8" in rows):
+            continue
+        qm = bench.qmodels.get(flavour)
+        if qm is None:
+            bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {flavour} "
+                      f"flavour ...")
+            qm = quick_ptq(bench.fused, cfg, flavour, bench.calib_batches, method=calib_method)
+            bench.notes.append(f"INT8 {flavour} flavour: quick PTQ ({calib_method} calibration "
+                               f"on {len(bench.calib_batches)} batches of {bench.calib_src})")
+        files[key] = export_qdq(qm, bench.work / f"int8_{flavour}.onnx", flavour=flavour,
+                                img_size=bench.img_size, dynamic_batch=True,
+                                ort_weights=str(cfg.export.ort_weights))
+        if flavour == "onnxruntime":
+            bench.notes.append(f"INT8 onnxruntime flavour: "
+                               f"{resolve_ort_weights(str(cfg.export.ort_weights))} weights "
+                               f"(export.ort_weights={cfg.export.ort_weights})")
+    if "ort_quantize_static" in rows:
+        bench.log("onnxruntime.quantization.quantize_static ...")
+        files["ort_quantize_static"] = _quantize_static(
+            files["ort_fp32"], bench.work / "int8_quantize_static.onnx",
+            [(b.float() / 255).numpy() for b in bench.calib_batches])
+
+
+def _graph_ops(onnx_files: Dict[str, Path]) -> Dict[str, Dict[str, int]]:
+    """What ONNX Runtime's optimizer made of each INT8 graph (op counts)."""
+    out = {}
+    for key, path in onnx_files.items():
+        if key.startswith("ort_int8") or key == "ort_quantize_static":
+            c = ort_optimized_op_counts(path)
+            out[key] = {k: int(c.get(k, 0)) for k in
+                        ("QLinearConv", "Conv", "QuantizeLinear", "DequantizeLinear",
+                         "QLinearConcat", "QLinearAdd", "MaxPool")}
+    return out
+
+
+def _runners(bench: _Bench) -> Dict[str, Callable]:
+    """``row -> prepare(x_tensor, x_numpy) -> (fn, sync)`` for every row that can run here."""
+    trt_why = _trt_available() if any(RUNTIMES[r].needs_tensorrt for r in bench.rows) else None
+    if trt_why:
+        bench.notes.append(f"TensorRT rows skipped: {trt_why}")
+    out = {}
+    for r in bench.rows:
+        rt = RUNTIMES[r]
+        if rt.needs_tensorrt and trt_why:
+            continue
+        if rt.onnx is not None and rt.onnx not in bench.onnx_files:
+            continue
+        out[r] = rt.runner(bench, bench.onnx_files.get(rt.onnx))
+    return out
+
+
+def _time_rows(bench: _Bench, prepares: Dict[str, Callable], batches: Sequence[int], seed: int,
+               warmup: int, iters: int, iters_large: int, graph_ops) -> List[Dict[str, Any]]:
+    """The one timing loop: per batch size, every runner round-robin; rows with speed-ups vs
+    ONNX Runtime FP32."""
+    results = []
+    for b in batches:
+        x_t = random_images(b, bench.img_size, seed + b).float() / 255.0
+        x_np = x_t.numpy()
+        fns: Dict[str, Callable[[], Any]] = {}
+        sync: Dict[str, Callable[[], Any]] = {}
+        for r, prepare in prepares.items():
+            fns[r], s = prepare(x_t, x_np)
+            if s is not None:
+                sync[r] = s
+        n = iters if b == 1 else iters_large
+        bench.log(f"batch {b}: {len(fns)} backends x {n} rounds (round-robin) ...")
+        times = round_robin(fns, n, warmup if b == 1 else min(warmup, 1), sync)
+        base = times.get("ort_fp32")
+        base_med = float(np.median(base)) if base else None
+        for r, t in times.items():
+            s = summarize_times(t, b)
+            row = {"row": r, "label": ROW_LABELS[r], "batch": b, "img_size": bench.img_size,
+                   "threads": bench.threads, **s,
+                   "speedup_vs_ort_fp32": (base_med / (s["median_ms"] / 1000)
+                                           if base_med else None)}
+            if r in graph_ops:
+                row["ort_graph_ops"] = graph_ops[r]
+            results.append(row)
+    return results
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
+from .io import CheckpointError
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -21,7 +22,6 @@ def config_from_args(args: argparse.Namespace):
 
 def run_tool(main, argv: Optional[Sequence[str]] = None) -> int:
     """Run a tool's ``main(argv)``, turning expected user errors into one line on stderr + exit 2."""
-    from .io import CheckpointError
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return main(argv) or 0

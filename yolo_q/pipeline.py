@@ -23,8 +23,20 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from omegaconf import OmegaConf
 
-from .config import save_config
+from .config import copy_config, save_config
 from .io import write_json
+from .benchmark import format_speed_table, speed_benchmark
+from .config import config_to_dict
+from .data import load_data_yaml
+from .data.synthetic import generate
+from .eval.api import run_eval
+from .export.api import export_model
+from .io import load_checkpoint, save_checkpoint
+from .quant.load import load_model
+from .quant.ptq import run_ptq
+from .quant.qat import qat_epochs, run_qat
+from .report import write_report
+from .training import train
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +133,7 @@ class Pipeline:
 
     # -- configs -----------------------------------------------------------------------------
     def _sub_cfg(self, overrides: List[str]):
-        from .config import apply_overrides
-        return apply_overrides(OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True)),
-                               overrides)
+        return copy_config(self.cfg, overrides)
 
     def vdir(self, variant: str) -> Path:
         return self.dir if variant == "base" else self.dir / variant
@@ -136,11 +146,9 @@ class Pipeline:
 
     # -- the stages ----------------------------------------------------------------------------
     def stage_data(self) -> Dict[str, Any]:
-        from .data import load_data_yaml
         syn = self.cfg.pipeline.synthetic
         data_yaml = Path(self.cfg.data.dataset)
         if syn is not None and not data_yaml.exists():
-            from .data.synthetic import generate
             self.say(f"[data] generating synthetic data: {syn.train} train + {syn.val} val "
                      f"images, {syn.size} px -> {syn.out}")
             spec = OmegaConf.to_container(syn.spec) if syn.spec else {}
@@ -152,8 +160,6 @@ class Pipeline:
 
     def _train_run(self, cfg, run: Path, label: str) -> None:
         """Train ``cfg`` into ``run`` (resuming an interrupted run; nothing when complete)."""
-        from .io import load_checkpoint
-        from .engine.train import train
         last = run / "weights" / "last.pt"
         resume = None
         if "train" in self.force and run.exists() and run not in self._cleared:
@@ -190,9 +196,6 @@ class Pipeline:
     def _given_weights(self, path: Path) -> Dict[str, Any]:
         """``pipeline.float_weights``: no training; an official or foreign checkpoint is
         converted once into a yolo_q float checkpoint (what the later stages read)."""
-        from .config import config_to_dict
-        from .io import save_checkpoint
-        from .quant.load import load_model
         if not path.is_file():
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
@@ -204,7 +207,6 @@ class Pipeline:
                 "results_csv": str(out.parent.parent / "results.csv"), "source": str(path)}
 
     def _train_result(self, run: Path) -> Dict[str, Any]:
-        from .io import load_checkpoint
         best = run / "weights" / "best.pt"
         weights = best if best.exists() else run / "weights" / "last.pt"
         ck = load_checkpoint(weights)
@@ -212,7 +214,6 @@ class Pipeline:
                 "results_csv": str(run / "results.csv")}
 
     def stage_ptq(self, variant: str, tr: Dict[str, Any]) -> Dict[str, Any]:
-        from .quant.ptq import run_ptq
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "ptq"
@@ -256,8 +257,6 @@ class Pipeline:
         return res
 
     def _qat_run(self, variant, tr, ptq, name: str, distill: bool) -> Dict[str, Any]:
-        from .io import load_checkpoint
-        from .quant.qat import qat_epochs, run_qat
         run = self.vdir(variant) / name
         cfg = self.variant_cfg(variant)
         ov = [f"quant.qat.output_dir={run.parent}", f"train.name={run.name}",
@@ -281,8 +280,6 @@ class Pipeline:
     def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
         """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;
         the other flavours from a PTQ of the float model calibrated for that flavour."""
-        from .export.api import export_model
-        from .io import load_checkpoint
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "export"
         out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +294,6 @@ class Pipeline:
         for fl in [str(f) for f in self.cfg.pipeline.flavours]:
             if fl == own:
                 continue
-            from .quant.ptq import run_ptq
             ck = out / f"ptq_{fl}.pt"
             run_ptq(cfg, tr["weights"], flavour=fl, out=ck, eval_images=1, progress=False,
                     verbose=False)
@@ -308,7 +304,6 @@ class Pipeline:
 
     def stage_eval(self, variant, tr, ptq, qat, exp) -> Dict[str, Any]:
         """mAP of every stage's model through every runtime on the same val images."""
-        from .eval.api import run_eval
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "eval"
@@ -356,7 +351,6 @@ class Pipeline:
         return {"rows": rows}
 
     def stage_speed(self, variant, tr, ptq, qat) -> Dict[str, Any]:
-        from .benchmark import format_speed_table, speed_benchmark
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
         final = qat["weights"] if qat else ptq["full"]
@@ -385,7 +379,6 @@ class Pipeline:
         return out
 
     def stage_report(self) -> Dict[str, Any]:
-        from .report import write_report
         return write_report(self.dir, self.cfg, self.results, self.state)
 
 
@@ -394,8 +387,7 @@ def _key(stage: str, variant: str) -> str:
 
 
 def _with(cfg, overrides: List[str]):
-    from .config import apply_overrides
-    return apply_overrides(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), overrides)
+    return copy_config(cfg, overrides)
 
 
 def _eval_inputs(tr, ptq, qat, exp) -> List[str]:

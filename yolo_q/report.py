@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+from .benchmark import cpu_line, format_speed_markdown
+from .engine.hooks import read_results_csv
 
 
 def _plt():
@@ -128,7 +130,6 @@ def _read_csv(path) -> List[Dict[str, Any]]:
 def _curve(path) -> List[Dict[str, Any]]:
     """A trainer's results.csv (:func:`yolo_q.engine.hooks.read_results_csv`); [] when absent
     (e.g. ``pipeline.float_weights``: no float training)."""
-    from .engine.hooks import read_results_csv
     return read_results_csv(path) if path and Path(path).exists() else []
 
 
@@ -219,7 +220,6 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
 
     from omegaconf import OmegaConf
 
-    from .benchmark import cpu_line, format_speed_markdown
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import torch
 
 from yolo_q import build_model, load_config
 from yolo_q.data.synthetic import generate
-from yolo_q.engine.train import train
+from yolo_q.training import train
 from yolo_q.models.blocks import RealVGGBlock
 from yolo_q.optim.repopt import RepOptimizer, ScalesError, load_scales
 
@@ -48,7 +48,7 @@ def test_hyper_search_then_repopt_training(tiny_data, tmp_path, repo_root):
 
 
 def test_build_optimizer_gives_repoptimizer_with_masks(repo_root, tmp_path):
-    from yolo_q.engine.train import build_optimizer_for
+    from yolo_q.engine.fit import build_optimizer_for
     from yolo_q.optim.repopt import save_scales
     hs = build_model(load_config(repo_root / "configs/repopt/yolov6n_hs.yaml", TINY))
     save_scales(hs, tmp_path / "s.pt")

@@ -7,7 +7,8 @@ from yolo_q import load_model
 from yolo_q.config import config_to_dict
 from yolo_q.io import CheckpointError, save_checkpoint
 from yolo_q.eval import TorchBackend
-from yolo_q.quant import load_quantized, quant_state, quantize_model, quantized_layers
+from yolo_q.quant import load_quantized, quant_state, quantized_layers
+from yolo_q.quant.ptq import quantize_model
 from yolo_q.quant.modules import QuantLayerMixin
 
 

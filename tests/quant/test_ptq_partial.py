@@ -7,7 +7,9 @@ import torch
 
 from test_ptq_fixtures import IMG, cfg as make_cfg, float_checkpoint
 from yolo_q import load_model
-from yolo_q.quant import quant_state, quantized_layers, run_ptq, search_max_drop, skip_top
+from yolo_q.quant import quant_state, quantized_layers
+from yolo_q.quant.partial import search_max_drop, skip_top
+from yolo_q.quant.ptq import run_ptq
 from yolo_q.quant.modules import QuantLayerMixin
 from yolo_q.quant.partial import float_layers_in_onnx
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from test_ptq_fixtures import setup
-from yolo_q.quant import quantize_model, quantize_only, quantized_layers
+from yolo_q.quant import quantize_only, quantized_layers
+from yolo_q.quant.ptq import quantize_model
 from yolo_q.quant.ptq import make_map_fn
 from yolo_q.quant.sensitivity import (DetectionAgreement, IncrementalRunner, amplified_error,
                                       detection_output_error, format_table, proxy_sensitivity,

@@ -80,7 +80,7 @@ def float_checkpoint() -> Path:
 
 
 def _make_float() -> Path:
-    from yolo_q.engine.train import train
+    from yolo_q.training import train
     cfg = tiny_cfg(data_yaml(), _TMP, "train.name=float", "train.eval_interval=100",
                    "train.warmup_epochs=0", "train.ema=false")
     threads = torch.get_num_threads()

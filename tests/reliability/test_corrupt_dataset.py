@@ -6,7 +6,7 @@ import random
 from reliability_utils import tiny_cfg, tiny_dataset
 from yolo_q.engine import Hook
 from yolo_q.io import load_checkpoint
-from yolo_q.engine.train import train
+from yolo_q.training import train
 
 
 class DeleteImage(Hook):

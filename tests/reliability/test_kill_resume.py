@@ -111,7 +111,8 @@ def _qat_inputs(tmp_path, cfg_path):
     from yolo_q import load_model
     from yolo_q.io import save_checkpoint
     from yolo_q.models import build_model
-    from yolo_q.quant import calibrate, calibration_batches, convert, quant_state
+    from yolo_q.quant import calibrate, convert, quant_state
+    from yolo_q.quant.ptq import calibration_batches
 
     cfg = load_config(cfg_path)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from reliability_utils import tiny_cfg, tiny_dataset
 from yolo_q.engine import Hook
 from yolo_q.io import load_checkpoint
-from yolo_q.engine.train import train
+from yolo_q.training import train
 from yolo_q.engine.trainer import NonFiniteLossError
 
 ITERS = 4  # 16 images, batch 4

@@ -8,9 +8,9 @@ from collections import namedtuple
 import pytest
 
 from reliability_utils import run_tool, tiny_cfg, tiny_dataset, train_overrides
-from yolo_q.engine import train as train_mod
+from yolo_q import training as train_mod
 from yolo_q.engine.rundir import RunDirError, make_run_dir
-from yolo_q.engine.train import train
+from yolo_q.training import train
 
 
 @pytest.fixture

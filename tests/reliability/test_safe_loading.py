@@ -214,7 +214,7 @@ def test_malicious_checkpoint_refused_by_every_entry_point(evil, tmp_path):
 
 def test_malicious_checkpoint_refused_by_train(tmp_path):
     """train(weights=...) and train(resume=...) (tools/train.py --weights / --resume)."""
-    from yolo_q.engine.train import train
+    from yolo_q.training import train
     data = tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
     cfg = tiny_cfg(data, tmp_path / "runs")
     (tmp_path / "ckpt").mkdir()

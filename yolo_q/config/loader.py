@@ -157,6 +157,15 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     return cfg
 
 
+def copy_config(cfg: DictConfig, overrides: Iterable[str] = (), struct: bool = False) -> DictConfig:
+    """A private, fully resolved copy of ``cfg`` with the dot-list ``overrides`` applied
+    (``struct``: unknown keys then fail on assignment too)."""
+    out = apply_overrides(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), overrides)
+    if struct:
+        OmegaConf.set_struct(out, True)
+    return out
+
+
 def save_config(cfg: DictConfig, path: PathLike) -> Path:
     """Write the fully resolved config as YAML (atomically)."""
     return write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from . import formats as F
 from . import transforms as T
+from ..config.schema import AugmentConfig
 
 LOGGER = logging.getLogger("yolo_q.data")
 MAX_SUBSTITUTIONS = 16  # consecutive unreadable samples before giving up
@@ -35,7 +36,6 @@ MAX_SUBSTITUTIONS = 16  # consecutive unreadable samples before giving up
 def hyp_dict(hyp: Any) -> Dict[str, Any]:
     """Augmentation settings as a plain dict: defaults of ``AugmentConfig`` <- ``hyp``
     (a dataclass, an OmegaConf node, a dict or None)."""
-    from ..config.schema import AugmentConfig
     out = dataclasses.asdict(AugmentConfig())
     if hyp is None:
         return out

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..export.qdq import resolve_ort_weights
+from ..quant.load import load_model
 
 __all__ = ["Backend", "TorchBackend", "OrtBackend", "TrtBackend", "build_backend",
            "BACKEND_KINDS", "PAD_VALUE"]
@@ -170,7 +172,6 @@ class OrtBackend(Backend):
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if self.metadata.get("ort_weights") == "int8" and \
                 self.providers[0] == "CPUExecutionProvider":
-            from ..export.qdq import resolve_ort_weights
             if resolve_ort_weights("auto") == "uint8":
                 warnings.warn(f"{self.path}: int8 weights on a CPU without VNNI: ONNX Runtime's "
                               f"u8 x s8 kernels can saturate here and lose accuracy; re-export "
@@ -288,7 +289,6 @@ def build_backend(kind: str, source=None, **kwargs) -> Backend:
     if kind == "torch":
         if isinstance(source, torch.nn.Module):
             return TorchBackend(source, **kwargs)
-        from ..quant.load import load_model
         cfg = kwargs.pop("cfg", None)
         device = kwargs.pop("device", "cpu")
         fuse = kwargs.pop("fuse", True)

@@ -6,11 +6,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..data import build_dataloader
 from .backends import Backend, TorchBackend
 from .coco import COCOEvaluator
 from .postprocess import e2e_to_detections, postprocess, scale_boxes
 
-__all__ = ["evaluate", "unpack_batch"]
+__all__ = ["evaluate", "make_evaluate_fn", "unpack_batch", "val_loader"]
 
 
 def unpack_batch(batch):
@@ -87,3 +88,27 @@ def evaluate(backend, dataloader, evaluator: COCOEvaluator, conf_thres: float = 
                ms_per_image=1000.0 * t_infer / max(n_images, 1), backend=backend.kind,
                coco_backend=res.get("backend"))
     return res
+
+
+def val_loader(cfg, val_ds, batch_size: Optional[int] = None, workers: Optional[int] = None):
+    """The validation loader of ``val_ds`` (no shuffling; ``cfg.eval.batch_size``)."""
+    return build_dataloader(val_ds, batch_size or cfg.eval.batch_size, shuffle=False,
+                            workers=min(cfg.data.workers, 2) if workers is None else workers,
+                            seed=cfg.train.seed)
+
+
+def make_evaluate_fn(cfg, val_ds, batch_size: Optional[int] = None,
+                     max_images: Optional[int] = None, backend=TorchBackend):
+    """The one evaluator factory: ``evaluate_fn(source) -> scalar metrics``, COCO mAP of
+    ``backend(source)`` (a torch model by default; e.g. :class:`OrtBackend` for an .onnx path)
+    on the validation set with the settings of ``cfg.eval``."""
+    loader = val_loader(cfg, val_ds, batch_size)
+    max_batches = None if not max_images else max(1, max_images // (batch_size or cfg.eval.batch_size))
+
+    def evaluate_fn(source) -> Dict[str, Any]:
+        evaluator = COCOEvaluator.from_dataset(val_ds)
+        res = evaluate(backend(source), loader, evaluator, conf_thres=cfg.eval.conf_thres,
+                       iou_thres=cfg.eval.iou_thres, max_det=cfg.eval.max_det, progress=False,
+                       max_batches=max_batches)
+        return {k: v for k, v in res.items() if isinstance(v, (int, float))}
+    return evaluate_fn

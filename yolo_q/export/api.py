@@ -21,6 +21,13 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
+from ..data.images import config_class_names, image_batches
+from ..io import flush_denormal
+from ..quant import is_quantized, load_model, quant_state, set_quant_enabled
+from ..quant.ptq import quantize_model
+from .onnx import export_onnx, onnx_info
+from .qdq import export_qdq
+
 __all__ = ["EXPORT_FLAVOURS", "ExportError", "default_output",
            "quick_ptq", "export_model"]
 
@@ -43,8 +50,6 @@ def quick_ptq(model_fused: torch.nn.Module, cfg, flavour: str, batches: Iterable
               progress: bool = False) -> torch.nn.Module:
     """Convert a FUSED float model for ``flavour`` (other options from ``cfg.quant``) and
     calibrate it on ``batches`` (uint8 or float image tensors). Returns the fake-quant model."""
-    from ..io import flush_denormal
-    from ..quant.ptq import quantize_model
     with torch.no_grad(), flush_denormal():
         return quantize_model(model_fused, cfg, batches, method=method, progress=progress,
                               flavour=flavour, strict=False, num_batches=num_batches)
@@ -52,9 +57,8 @@ def quick_ptq(model_fused: torch.nn.Module, cfg, flavour: str, batches: Iterable
 
 def _names(cfg) -> Optional[list]:
     try:
-        from ..eval.infer import class_names
-        names = class_names(cfg)
-        return None if names and names[0] == "class0" else names
+        names = config_class_names(cfg)
+        return None if not names or names[0] == "class0" else names
     except Exception:  # noqa: BLE001  (names are optional metadata)
         return None
 
@@ -71,9 +75,6 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
     NMS kind (default ``tensorrt`` for the tensorrt flavour, else ``onnxruntime``).
     Returns ``{"path", "flavour", "quantized", "calibrated_here", "info"}`` (``info``:
     :func:`yolo_q.export.onnx_info`)."""
-    from ..quant import is_quantized, load_model, quant_state, set_quant_enabled
-    from .onnx import export_onnx, onnx_info
-    from .qdq import export_qdq
 
     e = cfg.export
     if isinstance(weights, torch.nn.Module):
@@ -122,7 +123,6 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
                 raise ExportError(f"{src} is a float checkpoint: --flavour {flavour} needs a "
                                   f"quantized one (run tools/ptq.py first), or pass "
                                   f"--calib-images DIR for a quick max-calibration PTQ")
-            from ..eval.infer import image_batches
             fused = copy.deepcopy(model)
             if any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()):
                 fused.fuse()

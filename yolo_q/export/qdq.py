@@ -35,6 +35,9 @@ import torch.nn as nn
 
 from ..io import atomic_path
 from ..quant.convert import FLAVOURS, all_quantizers, is_quantized, quant_state
+from ..quant.convert import _to_input, layer_modules
+from ..quant.tensor_quantizer import TensorQuantizer
+from .onnx import export_onnx
 
 PathLike = Union[str, os.PathLike]
 MIN_OPSET = 13  # per-channel QuantizeLinear (axis) needs opset 13
@@ -95,7 +98,6 @@ def resolve_ort_weights(choice: str = "auto") -> str:
 def weight_storage(model: nn.Module, dtype: str):
     """Within the block, signed weight quantizers store their grid as ``dtype`` (int8 | uint8,
     zero point 0 | 128): the fake-quant values are identical, only the exported Q/DQ differs."""
-    from ..quant.tensor_quantizer import TensorQuantizer
     qs = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer)
           and n.rpartition(".")[2] == "_weight_quantizer" and not q.unsigned]
     old = [q.uint8_storage for q in qs]
@@ -173,7 +175,6 @@ def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
                     raise TypeError(f"raw_outputs=True takes no {sorted(export_kwargs)}")
                 _torch_export(model, path, img_size, batch, opset, dynamic_batch)
             else:
-                from .onnx import export_onnx
 
                 meta = dict(export_kwargs.pop("metadata", None) or {})
                 meta.setdefault("quant_flavour", flavour)
@@ -382,7 +383,6 @@ def layer_parity(model: nn.Module, path: PathLike, batch) -> Dict[str, Dict[str,
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from ..quant.convert import _to_input, layer_modules
 
     proto = onnx.load(str(path))
     consts = _consts(proto)

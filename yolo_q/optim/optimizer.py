@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from .repopt import RepOptimizer
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm)
@@ -77,7 +78,6 @@ def build_optimizer(model: nn.Module, cfg, world_size: int = 1,
     if kind == "adamw":
         return torch.optim.AdamW(specs, lr=t.lr0, betas=(t.momentum, 0.999))
     if kind == "repopt":
-        from .repopt import RepOptimizer
         return RepOptimizer(specs, lr=t.lr0, momentum=t.momentum, nesterov=bool(t.nesterov),
                             grad_masks=grad_masks, decay_offsets=decay_offsets)
     raise ValueError(f"train.optimizer: unknown optimizer '{t.optimizer}', expected "

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.blocks import LinearAddBlock, RealVGGBlock, _identity_kernel
+from ..io import CheckpointError, load_checkpoint, save_checkpoint
 
 Scales = Dict[str, Dict[str, Optional[torch.Tensor]]]
 
@@ -46,7 +47,6 @@ def extract_scales(model: torch.nn.Module) -> Scales:
 
 
 def save_scales(model: torch.nn.Module, path: Union[str, Path]) -> Path:
-    from ..io import save_checkpoint
     scales = extract_scales(model)
     if not scales:
         raise ScalesError("the model has no LinearAddBlock (hyper-search) layers to extract")
@@ -54,7 +54,6 @@ def save_scales(model: torch.nn.Module, path: Union[str, Path]) -> Path:
 
 
 def load_scales(path: Union[str, Path]) -> Scales:
-    from ..io import CheckpointError, load_checkpoint
     try:
         obj = load_checkpoint(path)
     except CheckpointError as e:

@@ -9,9 +9,11 @@ Typical PTQ::
     save_checkpoint({"model": qmodel.state_dict(), "quant_state": quant_state(qmodel)}, path)
     # later: restore(build_model(cfg).fuse(), ckpt["quant_state"], ckpt["model"])
 
-End to end (``tools/ptq.py``): :func:`run_ptq` (calibration, float vs PTQ mAP, sensitivity
-analysis, partial quantization, checkpoint); :func:`yolo_q.load_model` (:mod:`.load`) rebuilds a
-saved checkpoint.
+:func:`yolo_q.load_model` (:mod:`.load`) rebuilds a saved checkpoint. The workflows, which
+also evaluate and export, are imported from their modules (this package's top holds only the
+quantization core, so that evaluation and export may use it without an import cycle):
+:mod:`.ptq` (``run_ptq``, ``quantize_model``, ``calibration_batches``), :mod:`.sensitivity`,
+:mod:`.partial` (``search_max_drop``, ``skip_top``), :mod:`.qat` (``run_qat``).
 """
 from .calibrators import HistogramCalibrator, MaxCalibrator, make_calibrator
 from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, QuantStateError,
@@ -22,11 +24,7 @@ from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, Qua
                       set_quant_enabled, weight_quantizers)
 from .integer import integer_check, quantize_multiplier, requantize
 from .modules import QUANT_MODULES, QuantConv2d, QuantConvTranspose2d, QuantMaxPool2d
-from .partial import float_layers_in_onnx, search_max_drop, skip_top
 from .load import load_model, load_quantized
-from .ptq import calibration_batches, quantize_model, run_ptq
-from .sensitivity import (exact_sensitivity, proxy_sensitivity, sensitivity_analysis,
-                          spearman)
 from .tensor_quantizer import AMAX_EPS, QuantizerError, TensorQuantizer
 
 __all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramCalibrator",
@@ -38,7 +36,4 @@ __all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramC
            "layer_modules", "layer_output_errors", "make_calibrator", "quant_state",
            "quantize_multiplier", "quantize_only", "quantized_layers", "requantize",
            "resolve_settings", "restore", "set_quant_enabled", "weight_quantizers",
-           # PTQ, sensitivity, partial quantization
-           "calibration_batches", "exact_sensitivity", "float_layers_in_onnx", "load_model", "load_quantized",
-           "proxy_sensitivity", "quantize_model", "run_ptq", "search_max_drop",
-           "sensitivity_analysis", "skip_top", "spearman"]
+           "load_model", "load_quantized"]

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.hooks import Hook
+from .convert import is_quantized, quant_state
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,6 @@ def check_layers(teacher: nn.Module, student: nn.Module, layers: Sequence[str]) 
     s_names = dict(student.named_modules())
     absorbed = set()
     try:  # quantized layers whose activation moved into them (import here: no cycle at load)
-        from .convert import is_quantized, quant_state
         if is_quantized(student):
             for spec in quant_state(student)["layers"]:
                 if spec.get("act"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from typing import Callable, Dict, List, Optional, Sequence
+from ..export.qdq import conv_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ def float_layers_in_onnx(path, layers: Sequence[str], check_input: bool = True) 
     with ``check_input``, its input) from no DequantizeLinear, i.e. it runs in float. In the
     onnxruntime flavour a float layer can still read a tensor that its (quantized) producer
     quantized at its output: use ``check_input=False`` there."""
-    from ..export.qdq import conv_quantization
 
     info = conv_quantization(path)
     out = {}

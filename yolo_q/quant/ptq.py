@@ -18,15 +18,28 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
-from .convert import (CalibrationError, calibrate, convert, is_quantized, quant_state,
-                      quantized_layers)
+from ..config import config_to_dict, copy_config, save_config
+from ..data import (DetectionDataset, build_dataloader, build_datasets_from_config,
+                    load_data_yaml)
+from ..data.loader import resolve_data_yaml
+from ..eval.coco import COCOEvaluator
+from ..eval.runner import evaluate
+from ..io import flush_denormal, jsonable, save_checkpoint, write_json
+from . import partial as partial_mod
+from . import sensitivity as sens
+from .calibrators import METHODS
+from .convert import (FLAVOURS, CalibrationError, calibrate, convert, is_quantized, quant_state,
+                      quantized_layers, resolve_settings)
+from .integer import integer_check
+from .load import load_model
+from .sensitivity import MODES
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +48,6 @@ logger = logging.getLogger(__name__)
 def calibration_dataset(cfg, verbose: bool = False):
     """The TRAINING split of ``cfg.data`` as a :class:`~yolo_q.data.DetectionDataset` with
     ``augment=False`` (letterboxed images, as at evaluation)."""
-    from ..data import DetectionDataset, load_data_yaml
-    from ..data.loader import resolve_data_yaml
 
     d = cfg.data
     info = load_data_yaml(resolve_data_yaml(d.dataset), root=d.get("root", None))
@@ -54,7 +65,6 @@ def calibration_batches(cfg, num_batches: Optional[int] = None, batch_size: Opti
     """``num_batches`` (default ``quant.calib_batches``) uint8 image batches of ``batch_size``
     (default ``quant.calib_batch_size``) from the training images without augmentation, drawn
     in a seeded random order (``train.seed``), kept in memory (reused for every calibration)."""
-    from ..data import build_dataloader
 
     q = cfg.quant
     n = int(q.calib_batches if num_batches is None else num_batches)
@@ -102,7 +112,6 @@ def make_map_fn(cfg, val_ds, batches, max_images: Optional[int] = None, progress
     ``batches`` (a loader or a list of batches; the first ``max_images`` images). ``halves``:
     also ``map50_95_halves``, mAP50-95 of the same detections on the even- and the odd-numbered
     images separately (the split-half reliability check of exact sensitivity)."""
-    from ..eval import COCOEvaluator, evaluate
 
     evaluator = COCOEvaluator.from_dataset(val_ds)
     e = cfg.eval
@@ -173,7 +182,7 @@ def _device(spec: Optional[str]) -> torch.device:
 
 
 def _resolved_cfg(cfg, calib, per_tensor_weights, flavour, sensitivity_gain=None):
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # private copy
+    cfg = copy_config(cfg)
     q = cfg.quant
     if sensitivity_gain is not None:
         q.sensitivity_gain = float(sensitivity_gain)
@@ -186,8 +195,6 @@ def _resolved_cfg(cfg, calib, per_tensor_weights, flavour, sensitivity_gain=None
         q.per_channel_weights = False
     if flavour is not None:
         q.flavour = flavour
-    from .convert import FLAVOURS, resolve_settings
-    from .calibrators import METHODS
     if q.calib not in METHODS:
         raise ValueError(f"quant.calib: '{q.calib}' is not one of {METHODS}")
     if q.flavour is not None and q.flavour not in FLAVOURS:
@@ -200,7 +207,6 @@ def _sensitivity(qmodel, float_model, cfg, batches, val_ds, val_loader, mode, al
                  progress, say, run_dir, files):
     """Sensitivity report on ``quant.sensitivity_images`` val images; returns (report, subset
     evaluate fn, float and PTQ metrics on the subset)."""
-    from . import sensitivity as sens
 
     q = cfg.quant
     eval_sub = make_map_fn(cfg, val_ds, cached_val_batches(val_loader, int(q.sensitivity_images)),
@@ -225,7 +231,6 @@ def _sensitivity(qmodel, float_model, cfg, batches, val_ds, val_loader, mode, al
 
 
 def _integer_report(model, batch, say) -> dict:
-    from .integer import integer_check
 
     try:
         dev = integer_check(model, batch)
@@ -238,181 +243,257 @@ def _integer_report(model, batch, say) -> dict:
     return {"max": max(dev.values()) if dev else None, "layers": dev}
 
 
-def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights: bool = False,
-            sensitivity: bool = False, sensitivity_mode: str = "proxy", all_but: bool = False,
-            skip_top: Optional[int] = None, max_drop: Optional[float] = None,
-            max_search_steps: Optional[int] = None, out=None, run_dir=None,
-            flavour: Optional[str] = None, integer_check: bool = False,
-            eval_images: Optional[int] = None, device: Optional[str] = "cpu",
-            progress: bool = True, verbose: bool = True, out_full=None,
-            sensitivity_gain: Optional[float] = None) -> Dict[str, Any]:
-    """Post-training quantization of the float checkpoint ``float_weights``.
+@dataclass
+class PTQOptions:
+    """What :func:`run_ptq` does besides calibrating every layer (see its docstring)."""
+    calib: Optional[str] = None
+    per_tensor_weights: bool = False
+    sensitivity: bool = False
+    sensitivity_mode: str = "proxy"
+    all_but: bool = False
+    skip_top: Optional[int] = None
+    max_drop: Optional[float] = None
+    max_search_steps: Optional[int] = None
+    out: Any = None
+    run_dir: Any = None
+    flavour: Optional[str] = None
+    integer_check: bool = False
+    eval_images: Optional[int] = None
+    device: Optional[str] = "cpu"
+    progress: bool = True
+    verbose: bool = True
+    out_full: Any = None
+    sensitivity_gain: Optional[float] = None
 
-    Args:
-        cfg: full config (``quant``, ``data``, ``eval`` sections are used).
-        calib / per_tensor_weights / flavour / sensitivity_gain: override ``quant.calib`` /
-            ``quant.per_channel_weights`` / ``quant.flavour`` / ``quant.sensitivity_gain``.
-        sensitivity: run the per-layer sensitivity analysis (``sensitivity_mode``: proxy, exact
-            or both; ``all_but`` adds the all-but-this-layer measurement) on
-            ``quant.sensitivity_images`` validation images (the proxy on
-            ``quant.sensitivity_proxy_images`` calibration images); ranked table on stdout,
-            ``sensitivity.csv``/``.json`` in ``run_dir``.
-        skip_top: keep the ``k`` most sensitive layers float (runs the sensitivity analysis,
-            proxy mode unless ``sensitivity`` says otherwise).
-        max_drop: keep the fewest most-sensitive layers float such that mAP50-95 on the
-            sensitivity subset is at most ``max_drop`` percentage points below float
-            (0.3 -> 0.003 mAP50-95); see :func:`yolo_q.quant.partial.search_max_drop`
-            (``max_search_steps`` caps its evaluations).
-        out: checkpoint path (default ``run_dir/ptq.pt``; nothing is written without either).
-            With partial quantization it holds the partial model.
-        out_full: also save the all-layers-quantized model here (the usual QAT starting point
-            when ``out`` holds a partial model).
-        integer_check: also report :func:`yolo_q.quant.integer_check` per layer.
-        eval_images: evaluate on the first N validation images only (default: all).
-    Returns a summary dict (metrics, settings, timings, paths, ``table``).
+    @property
+    def partial(self) -> bool:
+        return self.skip_top is not None or self.max_drop is not None
+
+
+@dataclass
+class _PTQState:
+    """What the stages of :func:`run_ptq` hand each other."""
+    cfg: Any
+    opts: PTQOptions
+    say: Callable
+    float_model: Any = None
+    batches: Any = None
+    val_ds: Any = None
+    val_loader: Any = None
+    qmodel: Any = None
+    eval_full: Any = None
+    float_m: Any = None
+    ptq_m: Any = None
+    report: Any = None
+    eval_sub: Any = None
+    sub_float: Any = None
+    sub_ptq: Any = None
+    chosen: List[str] = field(default_factory=list)
+    search: Any = None
+    partial_m: Any = None
+    final: Any = None
+    int_check: Any = None
+    times: Dict[str, float] = field(default_factory=dict)
+    files: Dict[str, str] = field(default_factory=dict)
+
+
+def run_ptq(cfg, float_weights, options: Optional[PTQOptions] = None, **kwargs) -> Dict[str, Any]:
+    """Post-training quantization of the float checkpoint ``float_weights``; ``options`` (or the
+    same fields as keyword arguments) of :class:`PTQOptions`:
+
+    * calib / per_tensor_weights / flavour / sensitivity_gain: override ``quant.calib`` /
+      ``quant.per_channel_weights`` / ``quant.flavour`` / ``quant.sensitivity_gain``.
+    * sensitivity: run the per-layer sensitivity analysis (``sensitivity_mode``: proxy, exact or
+      both; ``all_but`` adds the all-but-this-layer measurement) on ``quant.sensitivity_images``
+      validation images (the proxy on ``quant.sensitivity_proxy_images`` calibration images);
+      ranked table on stdout, ``sensitivity.csv``/``.json`` in ``run_dir``.
+    * skip_top: keep the ``k`` most sensitive layers float (runs the sensitivity analysis, proxy
+      mode unless ``sensitivity`` says otherwise).
+    * max_drop: keep the fewest most-sensitive layers float such that mAP50-95 on the sensitivity
+      subset is at most ``max_drop`` percentage points below float (0.3 -> 0.003 mAP50-95); see
+      :func:`yolo_q.quant.partial.search_max_drop` (``max_search_steps`` caps its evaluations).
+    * out: checkpoint path (default ``run_dir/ptq.pt``; nothing is written without either). With
+      partial quantization it holds the partial model. out_full: also save the
+      all-layers-quantized model here (the usual QAT starting point when ``out`` is partial).
+    * integer_check: also report :func:`yolo_q.quant.integer_check` per layer.
+    * eval_images: evaluate on the first N validation images only (default: all).
+
+    ``cfg``: full config (``quant``, ``data``, ``eval`` sections are used). Returns a summary dict
+    (metrics, settings, timings, paths, ``table``).
     """
-    import json
-
-    from ..config import config_to_dict, save_config
-    from ..data import build_dataloader, build_datasets_from_config
-    from ..io import flush_denormal, save_checkpoint
-    from .load import load_model
-    from . import partial as partial_mod
-    from .sensitivity import MODES, jsonable
-
-    if skip_top is not None and max_drop is not None:
+    opts = options or PTQOptions(**kwargs)
+    if opts.skip_top is not None and opts.max_drop is not None:
         raise ValueError("--skip-top and --max-drop are mutually exclusive")
-    if sensitivity_mode not in MODES:
-        raise ValueError(f"sensitivity mode '{sensitivity_mode}' is not one of {MODES}")
-    cfg = _resolved_cfg(cfg, calib, per_tensor_weights, flavour, sensitivity_gain)
-    q = cfg.quant
-    dev = _device(device)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    out = Path(out) if out is not None else (run_dir / "ptq.pt" if run_dir else None)
-    say = print if verbose else (lambda *a, **k: None)
-    times: Dict[str, float] = {}
-    files: Dict[str, str] = {}
-    t_all = t0 = time.perf_counter()
-
+    if opts.sensitivity_mode not in MODES:
+        raise ValueError(f"sensitivity mode '{opts.sensitivity_mode}' is not one of {MODES}")
+    cfg = _resolved_cfg(cfg, opts.calib, opts.per_tensor_weights, opts.flavour,
+                        opts.sensitivity_gain)
+    st = _PTQState(cfg, opts, print if opts.verbose else (lambda *a, **k: None))
+    t_all = time.perf_counter()
+    dev = _device(opts.device)
     with flush_denormal(dev.type == "cpu"):
-        # ---- float model (EMA weights, fused) and data
-        float_model = load_model(float_weights, cfg=cfg, device=dev)
-        if is_quantized(float_model):
-            raise ValueError(f"{float_weights}: already a quantized checkpoint; PTQ needs float "
-                             f"weights")
-        if not getattr(float_model, "is_fused", True):
-            float_model.fuse()
-        batches = calibration_batches(cfg)
-        _, val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
-        val_loader = build_dataloader(val_ds, int(cfg.eval.batch_size), shuffle=False,
-                                      workers=min(int(cfg.data.workers), 2),
-                                      seed=int(cfg.train.seed), persistent_workers=False)
-        times["data"] = time.perf_counter() - t0
+        _stage("data", st, _load_float_and_data, float_weights, dev)
+        _stage("calibrate", st, _calibrate_all)
+        _stage("eval", st, _evaluate_all)
+        if opts.sensitivity or opts.partial:
+            _stage("sensitivity", st, _rank_layers)
+        if opts.partial:
+            _choose_float_layers(st)
+        st.final = _partial_model(st) if opts.partial else st.qmodel
+        if opts.integer_check:
+            st.int_check = _integer_report(st.final, st.batches[0][:2], st.say)
+    return _write_outputs(st, float_weights, t_all)
 
-        # ---- PTQ of every layer, float vs PTQ mAP
-        t0 = time.perf_counter()
-        qmodel = quantize_model(float_model, cfg, batches, progress=progress)
-        times["calibrate"] = time.perf_counter() - t0
-        n_layers = len(quantized_layers(qmodel))
-        say(f"PTQ: {n_layers} quantized layers, calib={q.calib}, "
-            f"{'per-channel' if q.per_channel_weights else 'per-tensor'} weights, "
-            f"flavour={q.flavour}, {sum(len(b) for b in batches)} calibration images")
-        eval_full = make_map_fn(cfg, val_ds, val_loader, max_images=eval_images,
-                                progress=progress, desc="eval")
-        t0 = time.perf_counter()
-        float_m, ptq_m = eval_full(float_model), eval_full(qmodel)
-        times["eval"] = time.perf_counter() - t0
 
-        # ---- sensitivity ranking
-        report = sub_float = sub_ptq = None
-        if sensitivity or skip_top is not None or max_drop is not None:
-            t0 = time.perf_counter()
-            report, eval_sub, sub_float, sub_ptq = _sensitivity(
-                qmodel, float_model, cfg, batches, val_ds, val_loader,
-                sensitivity_mode if sensitivity else "proxy", all_but, progress, say, run_dir,
-                files)
-            times["sensitivity"] = time.perf_counter() - t0
+def _stage(name: str, st: _PTQState, fn, *args) -> None:
+    t0 = time.perf_counter()
+    fn(st, *args)
+    st.times[name] = time.perf_counter() - t0
 
-        # ---- partial quantization
-        chosen: List[str] = []
-        search = partial_m = None
-        final = qmodel
-        if skip_top is not None:
-            chosen = partial_mod.skip_top(report["ranking"], int(skip_top))
-        elif max_drop is not None:
-            cache: Dict[tuple, float] = {(): sub_ptq["map50_95"]}
 
-            def evaluate_skip(skip: List[str]) -> float:
-                if tuple(skip) not in cache:
-                    m = quantize_model(float_model, cfg, batches, skip=skip, progress=False)
-                    cache[tuple(skip)] = eval_sub(m)["map50_95"]
-                return cache[tuple(skip)]
+def _load_float_and_data(st: _PTQState, float_weights, dev) -> None:
+    """Float model (EMA weights, fused), calibration batches, validation set and loader."""
+    cfg = st.cfg
+    st.float_model = load_model(float_weights, cfg=cfg, device=dev)
+    if is_quantized(st.float_model):
+        raise ValueError(f"{float_weights}: already a quantized checkpoint; PTQ needs float "
+                         f"weights")
+    if not getattr(st.float_model, "is_fused", True):
+        st.float_model.fuse()
+    st.batches = calibration_batches(cfg)
+    _, st.val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
+    st.val_loader = build_dataloader(st.val_ds, int(cfg.eval.batch_size), shuffle=False,
+                                     workers=min(int(cfg.data.workers), 2),
+                                     seed=int(cfg.train.seed), persistent_workers=False)
 
-            t0 = time.perf_counter()
-            search = partial_mod.search_max_drop(report["ranking"], evaluate_skip,
-                                                 sub_float["map50_95"], float(max_drop),
-                                                 max_steps=max_search_steps, progress=progress,
-                                                 log=say)
-            times["search"] = time.perf_counter() - t0
-            chosen = search["skip"]
-        if skip_top is not None or max_drop is not None:
-            if chosen:
-                final = quantize_model(float_model, cfg, batches, skip=chosen, progress=progress)
-                partial_m = eval_full(final)
-            else:
-                partial_m = dict(ptq_m)
-            say(f"partial quantization: {len(chosen)} float layer(s)"
-                f"{': ' + ', '.join(chosen) if chosen else ''}")
 
-        int_check = _integer_report(final, batches[0][:2], say) if integer_check else None
+def _calibrate_all(st: _PTQState) -> None:
+    q = st.cfg.quant
+    st.qmodel = quantize_model(st.float_model, st.cfg, st.batches, progress=st.opts.progress)
+    st.say(f"PTQ: {len(quantized_layers(st.qmodel))} quantized layers, calib={q.calib}, "
+           f"{'per-channel' if q.per_channel_weights else 'per-tensor'} weights, "
+           f"flavour={q.flavour}, {sum(len(b) for b in st.batches)} calibration images")
 
-    # ---- checkpoint, config, summary
-    table = format_comparison(float_m, ptq_m, partial_m,
-                              partial_label=f"partial ({len(chosen)} float)",
-                              title=f"val mAP ({float_m['images']} images)")
-    if sub_float is not None:
+
+def _evaluate_all(st: _PTQState) -> None:
+    """Float vs PTQ mAP on the validation set (the first ``eval_images``)."""
+    st.eval_full = make_map_fn(st.cfg, st.val_ds, st.val_loader, max_images=st.opts.eval_images,
+                               progress=st.opts.progress, desc="eval")
+    st.float_m, st.ptq_m = st.eval_full(st.float_model), st.eval_full(st.qmodel)
+
+
+def _rank_layers(st: _PTQState) -> None:
+    o = st.opts
+    st.report, st.eval_sub, st.sub_float, st.sub_ptq = _sensitivity(
+        st.qmodel, st.float_model, st.cfg, st.batches, st.val_ds, st.val_loader,
+        o.sensitivity_mode if o.sensitivity else "proxy", o.all_but, o.progress, st.say,
+        Path(o.run_dir) if o.run_dir is not None else None, st.files)
+
+
+def _choose_float_layers(st: _PTQState) -> None:
+    """The layers partial quantization keeps float: the top ``skip_top`` of the ranking, or the
+    fewest that meet ``max_drop`` (:func:`~yolo_q.quant.partial.search_max_drop`)."""
+    o = st.opts
+    if o.skip_top is not None:
+        st.chosen = partial_mod.skip_top(st.report["ranking"], int(o.skip_top))
+        return
+    cache: Dict[tuple, float] = {(): st.sub_ptq["map50_95"]}
+
+    def evaluate_skip(skip: List[str]) -> float:
+        if tuple(skip) not in cache:
+            m = quantize_model(st.float_model, st.cfg, st.batches, skip=skip, progress=False)
+            cache[tuple(skip)] = st.eval_sub(m)["map50_95"]
+        return cache[tuple(skip)]
+
+    t0 = time.perf_counter()
+    st.search = partial_mod.search_max_drop(st.report["ranking"], evaluate_skip,
+                                            st.sub_float["map50_95"], float(o.max_drop),
+                                            max_steps=o.max_search_steps, progress=o.progress,
+                                            log=st.say)
+    st.times["search"] = time.perf_counter() - t0
+    st.chosen = st.search["skip"]
+
+
+def _partial_model(st: _PTQState):
+    """The model with the chosen layers float, and its validation mAP."""
+    final = st.qmodel
+    if st.chosen:
+        final = quantize_model(st.float_model, st.cfg, st.batches, skip=st.chosen,
+                               progress=st.opts.progress)
+        st.partial_m = st.eval_full(final)
+    else:
+        st.partial_m = dict(st.ptq_m)
+    st.say(f"partial quantization: {len(st.chosen)} float layer(s)"
+           f"{': ' + ', '.join(st.chosen) if st.chosen else ''}")
+    return final
+
+
+def _comparison_table(st: _PTQState) -> str:
+    table = format_comparison(st.float_m, st.ptq_m, st.partial_m,
+                              partial_label=f"partial ({len(st.chosen)} float)",
+                              title=f"val mAP ({st.float_m['images']} images)")
+    if st.sub_float is not None:
         table += "\n" + format_comparison(
-            sub_float, sub_ptq, title=f"sensitivity subset ({sub_float['images']} images)")
-    ptq_info = {"float": float_m, "ptq": ptq_m, "partial": partial_m, "calib": q.calib,
-                "per_channel_weights": bool(q.per_channel_weights), "flavour": q.flavour,
-                "calib_images": int(sum(len(b) for b in batches)), "quantized_layers": n_layers,
-                "skip_layers": chosen, "source": str(float_weights)}
-    if chosen:  # the saved config rebuilds the same partial model
+            st.sub_float, st.sub_ptq, title=f"sensitivity subset ({st.sub_float['images']} images)")
+    return table
+
+
+def _save_checkpoints(st: _PTQState, ptq_info: Dict[str, Any], out, run_dir) -> None:
+    """``out`` (the final, maybe partial model) and ``out_full`` (every layer quantized); the
+    saved config rebuilds the same (partial) model."""
+    q, chosen = st.cfg.quant, st.chosen
+    if chosen:
         base = [str(s) for s in (q.skip_layers or [])]
         q.skip_layers = base + [s for s in chosen if s not in base]
-    if out_full is not None:
-        full_cfg = config_to_dict(cfg)
+    if st.opts.out_full is not None:
+        full_cfg = config_to_dict(st.cfg)
         full_cfg["quant"]["skip_layers"] = [str(s) for s in (q.skip_layers or []) if s not in chosen]
-        save_checkpoint({"model": qmodel.state_dict(), "config": full_cfg,
-                         "quant": quant_state(qmodel),
+        save_checkpoint({"model": st.qmodel.state_dict(), "config": full_cfg,
+                         "quant": quant_state(st.qmodel),
                          "ptq": jsonable(dict(ptq_info, partial=None, skip_layers=[])),
-                         "skip_layers": []}, out_full)
-        files["checkpoint_full"] = str(out_full)
+                         "skip_layers": []}, st.opts.out_full)
+        st.files["checkpoint_full"] = str(st.opts.out_full)
     if out is not None:
-        save_checkpoint({"model": final.state_dict(), "config": config_to_dict(cfg),
-                         "quant": quant_state(final), "ptq": jsonable(ptq_info),
+        save_checkpoint({"model": st.final.state_dict(), "config": config_to_dict(st.cfg),
+                         "quant": quant_state(st.final), "ptq": jsonable(ptq_info),
                          "skip_layers": list(chosen)}, out)
-        files["checkpoint"] = str(out)
+        st.files["checkpoint"] = str(out)
     if run_dir is not None:
-        files["config"] = str(save_config(cfg, run_dir / "config.yaml"))
-        files["summary"] = str(run_dir / "summary.json")
-    times["total"] = time.perf_counter() - t_all
-    sens_keys = ("mode", "gain", "proxy_metric", "rank_by", "ranking", "proxy_seconds",
-                 "exact_seconds", "all_but_seconds", "speedup", "spearman", "exact_split_half",
-                 "exact_reliability", "spearman_ceiling", "proxy_images", "subset_images")
-    summary = dict(ptq_info, subset_float=sub_float, subset_ptq=sub_ptq,
-                   drop_points=100 * (float_m["map50_95"] - ptq_m["map50_95"]),
-                   partial_drop_points=(100 * (float_m["map50_95"] - partial_m["map50_95"])
-                                        if partial_m else None),
-                   sensitivity=None if report is None else {k: report.get(k) for k in sens_keys},
-                   search=search, integer_check=int_check, times=times, files=files,
+        st.files["config"] = str(save_config(st.cfg, run_dir / "config.yaml"))
+        st.files["summary"] = str(run_dir / "summary.json")
+
+
+_SENS_KEYS = ("mode", "gain", "proxy_metric", "rank_by", "ranking", "proxy_seconds",
+              "exact_seconds", "all_but_seconds", "speedup", "spearman", "exact_split_half",
+              "exact_reliability", "spearman_ceiling", "proxy_images", "subset_images")
+
+
+def _write_outputs(st: _PTQState, float_weights, t_all: float) -> Dict[str, Any]:
+    """Checkpoints, config, ``summary.json`` and the printed table; returns the summary."""
+    q, o = st.cfg.quant, st.opts
+    run_dir = Path(o.run_dir) if o.run_dir is not None else None
+    out = Path(o.out) if o.out is not None else (run_dir / "ptq.pt" if run_dir else None)
+    table = _comparison_table(st)
+    ptq_info = {"float": st.float_m, "ptq": st.ptq_m, "partial": st.partial_m, "calib": q.calib,
+                "per_channel_weights": bool(q.per_channel_weights), "flavour": q.flavour,
+                "calib_images": int(sum(len(b) for b in st.batches)),
+                "quantized_layers": len(quantized_layers(st.qmodel)),
+                "skip_layers": st.chosen, "source": str(float_weights)}
+    _save_checkpoints(st, ptq_info, out, run_dir)
+    st.times["total"] = time.perf_counter() - t_all
+    fm, pm = st.float_m["map50_95"], st.partial_m["map50_95"] if st.partial_m else None
+    summary = dict(ptq_info, subset_float=st.sub_float, subset_ptq=st.sub_ptq,
+                   drop_points=100 * (fm - st.ptq_m["map50_95"]),
+                   partial_drop_points=100 * (fm - pm) if pm is not None else None,
+                   sensitivity=None if st.report is None else
+                   {k: st.report.get(k) for k in _SENS_KEYS},
+                   search=st.search, integer_check=st.int_check, times=st.times, files=st.files,
                    run_dir=str(run_dir) if run_dir else None, table=table)
     if run_dir is not None:
-        Path(files["summary"]).write_text(json.dumps(jsonable(summary), indent=2),
-                                          encoding="utf-8")
-    say("\n" + table, end="")
+        write_json(st.files["summary"], jsonable(summary))
+    st.say("\n" + table, end="")
     return summary
 
 
 __all__ = ["calibration_batches", "calibration_dataset", "cached_val_batches",
-           "format_comparison", "make_map_fn", "quantize_model", "run_ptq"]
+           "format_comparison", "make_map_fn", "PTQOptions", "quantize_model", "run_ptq"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -40,11 +41,22 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from ..io import CheckpointError, load_checkpoint, read_checkpoint_any
-from ..engine.hooks import Hook, WarmupLRHook
+from ..config import config_from_dict, copy_config, save_config
+from ..config.loader import validate_choices
+from ..data import build_datasets_from_config
+from ..engine.distributed import cleanup, init_distributed, resolve_device
+from ..engine.fit import fit, start_run, sync_nc_with_data
+from ..engine.hooks import Hook, WarmupLRHook, default_hooks
+from ..engine.trainer import seed_everything
+from ..eval.backends import OrtBackend
+from ..eval.runner import make_evaluate_fn, val_loader
+from ..export.qdq import export_qdq
+from ..io import CheckpointError, flush_denormal, load_checkpoint, read_checkpoint_any
 from ..models.loading import float_model_from_state
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
                       enable_range_ema, is_quantized, quant_state, quantized_layers)
+from .distill import ChannelDistillHook
+from .integer import integer_check as run_integer_check
 from .load import load_quantized
 
 logger = logging.getLogger(__name__)
@@ -69,8 +81,7 @@ def qat_epochs(cfg) -> int:
 
 def qat_train_config(cfg) -> DictConfig:
     """The config the QAT Trainer runs with (a copy; see the module docstring)."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.set_struct(out, True)
+    out = copy_config(cfg, struct=True)
     q, t = cfg.quant.qat, out.train
     t.epochs = qat_epochs(cfg)
     t.lr0 = float(q.lr_ratio) * float(cfg.train.lr0)
@@ -228,10 +239,7 @@ def insert_after(hooks: List[Hook], hook: Hook, kind: type = WarmupLRHook) -> Li
 
 # ----------------------------------------------------------------------------- run
 def _first_val_batch(cfg, val_ds):
-    from ..data import build_dataloader
-    loader = build_dataloader(val_ds, cfg.eval.batch_size, shuffle=False, workers=0,
-                              seed=cfg.train.seed)
-    return next(iter(loader))[0]
+    return next(iter(val_loader(cfg, val_ds, workers=0)))[0]
 
 
 def _scalars(metrics: Optional[Dict[str, Any]]) -> Dict[str, float]:
@@ -242,19 +250,40 @@ def _scalars(metrics: Optional[Dict[str, Any]]) -> Dict[str, float]:
 def evaluate_ort(model: nn.Module, cfg, val_ds, path) -> Dict[str, float]:
     """Export ``model`` to QDQ ONNX at ``path`` (its own flavour) and evaluate it with ONNX
     Runtime on ``val_ds`` (the evaluation settings of ``cfg.eval``)."""
-    from ..data import build_dataloader
-    from ..eval import COCOEvaluator, OrtBackend, evaluate
-    from ..export.qdq import export_qdq
     export_qdq(model, path, img_size=int(cfg.data.img_size), batch=1, dynamic_batch=True,
                ort_weights=str(cfg.export.ort_weights))
-    loader = build_dataloader(val_ds, cfg.eval.batch_size, shuffle=False,
-                              workers=min(cfg.data.workers, 2), seed=cfg.train.seed)
-    res = evaluate(OrtBackend(path), loader, COCOEvaluator.from_dataset(val_ds),
-                   conf_thres=cfg.eval.conf_thres, iou_thres=cfg.eval.iou_thres,
-                   max_det=cfg.eval.max_det, progress=False)
-    out = _scalars(res)
+    out = _scalars(make_evaluate_fn(cfg, val_ds, backend=OrtBackend)(path))
     out["onnx"] = str(path)
     return out
+
+
+def _read_inputs(cfg, weights, teacher, resume, overrides):
+    """Checkpoints first (cheap checks, clear messages), then the run config:
+    ``(cfg, student ck, teacher ck or None, weights, resume ck or None)``."""
+    resume_ck = load_checkpoint(resume) if resume else None
+    if resume_ck is not None:
+        if not resume_ck.get("quant") or "qat" not in resume_ck:
+            raise QATError(f"{resume}: not a QAT checkpoint (no 'quant'/'qat' entries)")
+        weights = weights or resume_ck["qat"].get("weights")
+        teacher = teacher or resume_ck["qat"].get("teacher")
+        student = {"model": resume_ck["model"], "quant": resume_ck["quant"],
+                   "config": resume_ck.get("config"), "source": str(resume)}
+    elif not weights:
+        raise QATError("QAT needs --weights: a PTQ-calibrated checkpoint (tools/ptq.py)")
+    else:
+        student = dict(read_student(weights), source=str(weights))
+    if cfg is None:
+        base = (resume_ck or {}).get("qat", {}).get("base_config") or student.get("config")
+        if not base:
+            raise QATError(f"{student['source']}: stores no config; pass --config")
+        cfg = config_from_dict(base)
+    cfg = copy_config(cfg, overrides)
+    validate_choices(cfg, "QAT config")
+    if cfg.quant.distill.enabled and not teacher:
+        raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
+                       "or set quant.distill.enabled=false")
+    teacher_ck = dict(read_teacher(teacher), source=str(teacher)) if teacher else None
+    return cfg, student, teacher_ck, weights, resume_ck
 
 
 def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = None,
@@ -276,123 +305,110 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
     ``ort_check``: export the best model to QDQ ONNX and evaluate it with ONNX Runtime.
     All inputs are checked before anything is trained or written (:class:`QATError`).
     """
-    from ..config import apply_overrides, config_from_dict
-    from ..config.loader import validate_choices
-    from ..engine.distributed import cleanup, init_distributed
-    from ..io import flush_denormal
-
-    # -- inputs: checkpoints first (cheap checks, clear messages) ---------------------------
-    resume_ck = load_checkpoint(resume) if resume else None
-    if resume_ck is not None:
-        if not resume_ck.get("quant") or "qat" not in resume_ck:
-            raise QATError(f"{resume}: not a QAT checkpoint (no 'quant'/'qat' entries)")
-        weights = weights or resume_ck["qat"].get("weights")
-        teacher = teacher or resume_ck["qat"].get("teacher")
-        student = {"model": resume_ck["model"], "quant": resume_ck["quant"],
-                   "config": resume_ck.get("config"), "source": str(resume)}
-    elif not weights:
-        raise QATError("QAT needs --weights: a PTQ-calibrated checkpoint (tools/ptq.py)")
-    else:
-        student = dict(read_student(weights), source=str(weights))
-    if cfg is None:
-        base = (resume_ck or {}).get("qat", {}).get("base_config") or student.get("config")
-        if not base:
-            raise QATError(f"{student['source']}: stores no config; pass --config")
-        cfg = config_from_dict(base)
-    cfg = apply_overrides(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), overrides)
-    validate_choices(cfg, "QAT config")
-    if cfg.quant.distill.enabled and not teacher:
-        raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
-                       "or set quant.distill.enabled=false")
-    teacher_ck = dict(read_teacher(teacher), source=str(teacher)) if teacher else None
-
+    cfg, student_ck, teacher_ck, weights, resume_ck = _read_inputs(cfg, weights, teacher,
+                                                                   resume, overrides)
+    run = QATRun(cfg, student_ck, teacher_ck, weights, resume, resume_ck, list(extra_hooks),
+                 verbose)
     dist_info = init_distributed()
     try:
         with flush_denormal(True):  # CPU: denormals made eval/training steps ~60x slower
-            return _train_qat(cfg, student, teacher_ck, weights, resume, resume_ck,
-                              dist_info.rank, dist_info.world_size, list(extra_hooks),
-                              evaluate_start, integer_check, ort_check, verbose)
+            run.rank, run.world = dist_info.rank, dist_info.world_size
+            return _train_qat(run, evaluate_start, integer_check, ort_check)
     finally:
         cleanup()
 
 
-def _train_qat(cfg, student_ck, teacher_ck, weights, resume, resume_ck, rank, world, extra_hooks,
-               evaluate_start, integer_check, ort_check, verbose) -> Dict[str, Any]:
-    from ..config import save_config
-    from ..data import build_dataloader, build_datasets_from_config
-    from ..engine.distributed import resolve_device
-    from ..engine.hooks import default_hooks
-    from ..engine.rundir import make_run_dir
-    from ..engine.train import build_optimizer_for, make_evaluate_fn, sync_nc_with_data
-    from ..engine.trainer import Trainer, seed_everything
-    from ..losses import DetectionLoss
-    from .distill import ChannelDistillHook
+@dataclass
+class QATRun:
+    """The inputs of one QAT run (checked by :func:`run_qat`)."""
+    cfg: Any
+    student_ck: Dict[str, Any]
+    teacher_ck: Optional[Dict[str, Any]]
+    weights: Optional[str]
+    resume: Optional[str]
+    resume_ck: Optional[Dict[str, Any]]
+    extra_hooks: List[Hook]
+    verbose: bool = True
+    rank: int = 0
+    world: int = 1
 
-    distill, qat = cfg.quant.distill, cfg.quant.qat
-    base_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    train_ds, val_ds, info = build_datasets_from_config(cfg, verbose=verbose and rank == 0)
-    sync_nc_with_data(base_cfg, info)
-    qcfg = qat_train_config(base_cfg)
-    t = qcfg.train
-    src = student_ck["source"]
-    check_model_configs(qcfg, (src, student_ck.get("config")),
-                        (teacher_ck["source"], teacher_ck.get("config")) if teacher_ck else None)
 
-    # -- models (fused fake-quant student, fused float teacher) ---------------------------
-    seed_everything(t.seed, t.deterministic, rank)
-    student = build_quantized(qcfg, student_ck["model"], student_ck["quant"], src)
+def _build_models(run: QATRun, qcfg):
+    """The fused fake-quant student (checked calibrated) and the fused float teacher."""
+    src = run.student_ck["source"]
+    student = build_quantized(qcfg, run.student_ck["model"], run.student_ck["quant"], src)
     check_calibrated(student, src)
-    device = resolve_device(t.device)
+    device = resolve_device(qcfg.train.device)
     student.to(device)
-    teacher = load_teacher(teacher_ck["source"], teacher_ck, qcfg, device) if teacher_ck else None
+    tck = run.teacher_ck
+    teacher = load_teacher(tck["source"], tck, qcfg, device) if tck else None
     state = quant_state(student)
-    if cfg.quant.flavour and cfg.quant.flavour != state["flavour"]:
-        logger.warning("quant.flavour=%s ignored: %s was converted for %s", cfg.quant.flavour,
+    if run.cfg.quant.flavour and run.cfg.quant.flavour != state["flavour"]:
+        logger.warning("quant.flavour=%s ignored: %s was converted for %s", run.cfg.quant.flavour,
                        src, state["flavour"])
+    return student, teacher, device, state
 
-    run_dir = make_run_dir(t.output_dir, t.name, t.exist_ok, Path(resume) if resume else None)
-    if rank == 0:
-        save_config(qcfg, run_dir / "config.yaml")
-        if verbose:
-            logger.info("QAT run directory: %s (%d epochs, lr0 %.3g -> x%.3g, scales %s, "
-                        "distillation %s, %d quantized layers, %d float)", run_dir, t.epochs,
-                        t.lr0, t.lrf, "frozen" if qat.freeze_scales else "EMA",
-                        "on" if distill.enabled else "off", len(state["layers"]),
-                        len(state["skip"]))
-    evaluate_fn = make_evaluate_fn(qcfg, val_ds) if rank == 0 else (lambda m: {})
-    baseline = dict((resume_ck or {}).get("qat", {}).get("baseline") or {})
-    if rank == 0 and evaluate_start and not baseline:
-        if teacher is not None:
-            baseline["float"] = _scalars(evaluate_fn(teacher))
-        baseline["ptq"] = _scalars(evaluate_fn(student))
 
-    # -- the float Trainer with its default hooks, plus the QAT hooks -----------------------
-    extras = {"qat": {"weights": str(weights), "teacher": teacher_ck["source"] if teacher_ck
-                      else None, "base_config": OmegaConf.to_container(base_cfg, resolve=True),
+def _qat_hooks(run: QATRun, qcfg, base_cfg, teacher, evaluate_fn, run_dir, baseline):
+    """The float training's default hooks, the QAT hook (scales, checkpoint extras), channel-wise
+    distillation when enabled, then the caller's hooks."""
+    distill, qat = run.cfg.quant.distill, run.cfg.quant.qat
+    extras = {"qat": {"weights": str(run.weights),
+                      "teacher": run.teacher_ck["source"] if run.teacher_ck else None,
+                      "base_config": OmegaConf.to_container(base_cfg, resolve=True),
                       "baseline": baseline}}
     hooks = insert_after(default_hooks(qcfg, evaluate_fn, run_dir),
                          QATHook(qat.freeze_scales, qat.range_ema, extras))
     if distill.enabled:
         hooks.append(ChannelDistillHook(teacher, list(distill.layers), distill.tau,
                                         distill.weight))
-    hooks.extend(extra_hooks)
-    optimizer = build_optimizer_for(student, qcfg, world, reinit=False)
-    loader = build_dataloader(train_ds, t.batch_size, shuffle=True, workers=qcfg.data.workers,
-                              seed=t.seed, rank=rank, world_size=world, drop_last=False)
-    trainer = Trainer(student, optimizer, loader, DetectionLoss.from_config(qcfg), qcfg, hooks,
-                      device=device, work_dir=run_dir)
-    if resume:
-        trainer.resume(resume)
-    trainer.train()
+    return hooks + run.extra_hooks
 
-    # -- summary and report -----------------------------------------------------------------
-    weights_dir = run_dir / "weights"
-    best = weights_dir / "best.pt"
-    summary: Dict[str, Any] = {
-        "run_dir": str(run_dir), "last": str(weights_dir / "last.pt"),
-        "best": str(best) if best.exists() else None, "epochs": trainer.epochs,
-        "best_epoch": trainer.best_epoch + 1, "best_fitness": trainer.best_fitness,
-        "metrics": _scalars(trainer.metrics), "total_bad_steps": trainer.total_bad_steps,
+
+def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[str, Any]:
+    """Build the student, its config and its hooks; :func:`yolo_q.engine.fit`; the report."""
+    base_cfg = copy_config(run.cfg)
+    train_ds, val_ds, info = build_datasets_from_config(run.cfg,
+                                                        verbose=run.verbose and run.rank == 0)
+    sync_nc_with_data(base_cfg, info)
+    qcfg = qat_train_config(base_cfg)
+    tck = run.teacher_ck
+    check_model_configs(qcfg, (run.student_ck["source"], run.student_ck.get("config")),
+                        (tck["source"], tck.get("config")) if tck else None)
+    seed_everything(qcfg.train.seed, qcfg.train.deterministic, run.rank)
+    student, teacher, device, state = _build_models(run, qcfg)
+    run_dir = start_run(qcfg, run.resume)
+    if run.rank == 0:
+        save_config(qcfg, run_dir / "config.yaml")
+        if run.verbose:
+            _log_start(run_dir, qcfg, run.cfg, state)
+    evaluate_fn = make_evaluate_fn(qcfg, val_ds) if run.rank == 0 else (lambda m: {})
+    baseline = dict((run.resume_ck or {}).get("qat", {}).get("baseline") or {})
+    if run.rank == 0 and evaluate_start and not baseline:
+        if teacher is not None:
+            baseline["float"] = _scalars(evaluate_fn(teacher))
+        baseline["ptq"] = _scalars(evaluate_fn(student))
+    hooks = _qat_hooks(run, qcfg, base_cfg, teacher, evaluate_fn, run_dir, baseline)
+    summary = fit(qcfg, student, train_ds, hooks, run_dir, resume=run.resume, device=device,
+                  rank=run.rank, world=run.world, reinit=False)
+    summary.update(_summary_extras(run.cfg, qcfg, summary, baseline, state))
+    if run.rank != 0:
+        return summary
+    return _finish(summary, qcfg, val_ds, state, integer_check, ort_check, run.verbose)
+
+
+def _log_start(run_dir, qcfg, cfg, state) -> None:
+    t, distill, qat = qcfg.train, cfg.quant.distill, cfg.quant.qat
+    logger.info("QAT run directory: %s (%d epochs, lr0 %.3g -> x%.3g, scales %s, "
+                "distillation %s, %d quantized layers, %d float)", run_dir, t.epochs,
+                t.lr0, t.lrf, "frozen" if qat.freeze_scales else "EMA",
+                "on" if distill.enabled else "off", len(state["layers"]), len(state["skip"]))
+
+
+def _summary_extras(cfg, qcfg, summary, baseline, state) -> Dict[str, Any]:
+    t, distill, qat = qcfg.train, cfg.quant.distill, cfg.quant.qat
+    return {
+        "metrics": _scalars(summary["metrics"]),
         "float": baseline.get("float"), "ptq": baseline.get("ptq"),
         "flavour": state["flavour"], "quantized_layers": len(state["layers"]),
         "float_layers": list(state["skip"]),
@@ -401,17 +417,19 @@ def _train_qat(cfg, student_ck, teacher_ck, weights, resume, resume_ck, rank, wo
                    "distill_weight": float(distill.weight), "tau": float(distill.tau),
                    "layers": list(distill.layers)},
     }
-    if rank != 0:
-        return summary
-    final_path = best if best.exists() else weights_dir / "last.pt"
+
+
+def _finish(summary, qcfg, val_ds, state, integer_check, ort_check, verbose) -> Dict[str, Any]:
+    """QAT mAP of the final checkpoint, the optional integer / ONNX Runtime checks, the report."""
+    weights_dir = Path(summary["run_dir"]) / "weights"
+    final_path = Path(summary["best"]) if summary["best"] else weights_dir / "last.pt"
     summary["qat"] = _scalars(load_checkpoint(final_path).get("metrics")) or None
     summary["qat_checkpoint"] = str(final_path)
     if integer_check or ort_check:
         rd = read_checkpoint_any(final_path)  # EMA weights when present
         final = build_quantized(qcfg, rd["model"], rd["quant"], str(final_path))
         if integer_check:
-            from .integer import integer_check as _integer_check
-            summary["integer_check"] = _integer_check(final, _first_val_batch(qcfg, val_ds))
+            summary["integer_check"] = run_integer_check(final, _first_val_batch(qcfg, val_ds))
         if ort_check:
             onnx_path = weights_dir / f"{final_path.stem}_{state['flavour']}.onnx"
             summary["ort"] = evaluate_ort(final, qcfg, val_ds, onnx_path)

@@ -53,6 +53,8 @@ from ..io import jsonable
 from .convert import (_check_names, _to_input, all_quantizers, disable_layers, quantize_only,
                       quantized_layers)
 from .modules import QuantLayerMixin
+from ..eval.coco import COCOEvaluator
+from ..eval.postprocess import postprocess
 
 MODES = ("proxy", "exact", "both")
 
@@ -141,12 +143,10 @@ class DetectionAgreement:
         self.nc = 0
 
     def add_reference(self, ref: torch.Tensor) -> None:
-        from ..eval.postprocess import postprocess
         self.nc = int(ref.shape[-1]) - 5
         self.gt += [d.cpu() for d in postprocess(ref, self.gt_conf, self.iou, self.max_det)]
 
     def add(self, key: str, y: torch.Tensor) -> None:
-        from ..eval.postprocess import postprocess
         self.dets.setdefault(key, []).extend(
             d.cpu() for d in postprocess(y, self.conf, self.iou, self.max_det, multi_label=True))
 
@@ -159,7 +159,6 @@ class DetectionAgreement:
         return self.num_boxes > 0
 
     def scores(self) -> Dict[str, float]:
-        from ..eval.coco import COCOEvaluator
         if not self.has_reference:
             raise ValueError(f"detection agreement: the float model detects nothing with score "
                              f">= {self.gt_conf} on the proxy images")
