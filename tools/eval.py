@@ -7,8 +7,8 @@
 """
 import argparse
 
-from yolo_q.cli import run_tool
-from yolo_q.eval.api import backend_from_args, config_for, run_eval
+from yolo_q.cli import config_from_args, run_tool
+from yolo_q.eval.api import backend_from_args, run_eval
 
 
 def get_args_parser():
@@ -39,7 +39,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
-    cfg = config_for(args.weights, args.config, args.overrides)
+    cfg = config_from_args(args)
     if not (args.weights or args.onnx or args.trt):
         raise ValueError("--trt needs an engine or ONNX path here (e.g. --trt model_int8.onnx)")
     backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads,

@@ -14,8 +14,7 @@ max-calibration PTQ on those images; tools/ptq.py does the real thing). --end2en
 """
 import argparse
 
-from yolo_q.cli import run_tool
-from yolo_q.eval.api import config_for
+from yolo_q.cli import config_from_args, run_tool
 from yolo_q.export.api import EXPORT_FLAVOURS, ExportError, export_model
 
 
@@ -51,7 +50,7 @@ def get_args_parser():
 def main(argv=None):
     from yolo_q.export.qdq import QDQExportError
     args = get_args_parser().parse_intermixed_args(argv)
-    cfg = config_for(args.weights, args.config, args.overrides)
+    cfg = config_from_args(args)
     try:
         res = export_model(cfg, args.weights, flavour=args.flavour, out=args.out,
                            img_size=args.imgsz, batch=args.batch, dynamic=args.dynamic,

@@ -12,8 +12,8 @@ Writes to --out (default runs/infer/<source stem>): the images with boxes (same 
 import argparse
 from pathlib import Path
 
-from yolo_q.cli import run_tool
-from yolo_q.eval.api import backend_from_args, config_for
+from yolo_q.cli import config_from_args, run_tool
+from yolo_q.eval.api import backend_from_args
 from yolo_q.eval.infer import run_inference
 
 
@@ -44,7 +44,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
-    cfg = config_for(args.weights, args.config, args.overrides)
+    cfg = config_from_args(args)
     backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads)
     out = args.out or str(Path("runs/infer") / (Path(args.source).stem or "source"))
     res = run_inference(cfg, backend, source, args.source, out, img_size=args.imgsz,

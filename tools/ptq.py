@@ -16,8 +16,7 @@ layers), ``ptq.pt`` (loads with ``yolo_q.load_model`` / ``tools/eval.py --weight
 """
 import argparse
 
-from yolo_q.cli import run_tool
-from yolo_q.eval.api import config_for
+from yolo_q.cli import config_from_args, run_tool
 
 
 def get_args_parser():
@@ -69,7 +68,7 @@ def main(argv=None):
     from yolo_q.engine.rundir import make_run_dir
     from yolo_q.quant.ptq import run_ptq
 
-    cfg = config_for(args.weights, args.config, args.overrides)
+    cfg = config_from_args(args)
     run_dir = make_run_dir(args.project, args.name, args.exist_ok)
     print(f"run directory: {run_dir}")
     summary = run_ptq(cfg, args.weights, calib=args.calib,

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .config import ConfigError, load_config
+from .config import ConfigError, resolve_config
 from .io import CheckpointError
 
 
@@ -17,7 +17,9 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 
 
 def config_from_args(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
+    """``--config`` + overrides, else the config stored in ``--weights``, else the defaults
+    (:func:`yolo_q.config.resolve_config`)."""
+    return resolve_config(args.config, args.overrides, getattr(args, "weights", None))
 
 
 def run_tool(main, argv: Optional[Sequence[str]] = None) -> int:

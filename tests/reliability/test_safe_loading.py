@@ -190,7 +190,7 @@ def _tiny_trainer(tmp_path):
 
 
 def _entry_points(tmp_path):
-    from yolo_q.eval.api import config_for
+    from yolo_q.config import resolve_config
     from yolo_q.optim.repopt import ScalesError, load_scales
     return {
         "load_checkpoint": (load_checkpoint, CheckpointError),
@@ -199,7 +199,7 @@ def _entry_points(tmp_path):
         "load_model": (load_model, CheckpointError),
         "Trainer.resume": (_tiny_trainer(tmp_path).resume, CheckpointError),
         "load_scales": (load_scales, ScalesError),
-        "eval config_for": (lambda p: config_for(str(p), None), CheckpointError),
+        "eval config_for": (lambda p: resolve_config(None, (), str(p)), CheckpointError),
     }
 
 

@@ -11,7 +11,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..io import write_text_atomic
+from ..io import read_checkpoint_any, write_text_atomic
 from .schema import CHOICES, Config
 
 PathLike = Union[str, os.PathLike]
@@ -164,6 +164,19 @@ def copy_config(cfg: DictConfig, overrides: Iterable[str] = (), struct: bool = F
     if struct:
         OmegaConf.set_struct(out, True)
     return out
+
+
+def resolve_config(config: Optional[PathLike] = None, overrides: Sequence[str] = (),
+                   weights: Optional[PathLike] = None) -> DictConfig:
+    """The one config resolver of the tools: ``config`` (+ overrides), else the one stored in
+    the yolo_q checkpoint ``weights``, else the defaults (+ overrides)."""
+    if config:
+        return load_config(config, overrides)
+    if weights and str(weights).endswith((".pt", ".pth")):
+        stored = read_checkpoint_any(weights).get("config")
+        if stored:
+            return apply_overrides(config_from_dict(stored), overrides)
+    return load_config(None, overrides)
 
 
 def save_config(cfg: DictConfig, path: PathLike) -> Path:

@@ -10,23 +10,9 @@ from typing import Any, Dict, Optional
 from .backends import build_backend
 from .coco import COCOEvaluator
 from .runner import evaluate
-from ..config import apply_overrides, config_from_dict, load_config
 from ..data import build_dataloader, build_datasets_from_config
-from ..io import read_checkpoint_any
 
 logger = logging.getLogger(__name__)
-
-
-def config_for(weights: Optional[str], config: Optional[str], overrides=()):
-    """The run config: ``--config`` (+ overrides), else the one stored in a yolo_q checkpoint,
-    else the defaults (+ overrides)."""
-    if config:
-        return load_config(config, overrides)
-    if weights and str(weights).endswith((".pt", ".pth")):
-        stored = read_checkpoint_any(weights).get("config")
-        if stored:
-            return apply_overrides(config_from_dict(stored), overrides)
-    return load_config(None, overrides)
 
 
 def val_loader_for(cfg, batch_size: int, img_size: Optional[int] = None, data: Optional[str] = None,
