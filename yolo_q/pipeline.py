@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -39,6 +40,76 @@ from .report import write_report
 from .training import train
 
 logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ stage records
+@dataclass
+class _Record:
+    """A stage result with named fields; ``pipeline.json`` (and the report) hold its dict."""
+    OPTIONAL = ()  # keys left out of the dict when None (as before the records existed)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: (v.to_dict() if isinstance(v, _Record) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]
+                if not (v is None and f.name in self.OPTIONAL)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainRecord(_Record):
+    weights: str
+    run_dir: str
+    metrics: Dict[str, Any]
+    results_csv: str
+    source: Optional[str] = None  # pipeline.float_weights: the given checkpoint
+    scales: Optional[str] = None  # repopt: the hyper-search scales and its results
+    hs_results_csv: Optional[str] = None
+    OPTIONAL = ("source", "scales", "hs_results_csv")
+
+
+@dataclass
+class PTQRecord(_Record):
+    full: str  # every layer quantized (the QAT starting point)
+    summary: str
+    calib: str
+    float: Dict[str, Any]
+    ptq: Dict[str, Any]
+    partial: Optional[Dict[str, Any]]
+    skip_layers: List[str]
+    quantized_layers: int
+    sensitivity: Optional[Dict[str, Any]]
+    times: Dict[str, float]
+    calib_rows: List[Dict[str, Any]]
+    partial_weights: Optional[str] = None
+    sensitivity_csv: Optional[str] = None
+    OPTIONAL = ("partial_weights", "sensitivity_csv")
+
+
+@dataclass
+class QATRunRecord(_Record):
+    weights: str
+    run_dir: str
+    distill: bool
+    metrics: Optional[Dict[str, Any]]
+    results_csv: str
+
+
+@dataclass
+class QATRecord(QATRunRecord):
+    no_distill: Optional[QATRunRecord] = None  # the comparison run without distillation
+    OPTIONAL = ("no_distill",)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        rec = super().from_dict(d)
+        if isinstance(rec.no_distill, dict):
+            rec.no_distill = QATRunRecord.from_dict(rec.no_distill)
+        return rec
+
 
 STAGES = ("data", "train", "ptq", "qat", "export", "eval", "speed", "report")
 
@@ -72,9 +143,11 @@ class Pipeline:
             print(*args, **kwargs, flush=True)
 
     # -- stage bookkeeping -------------------------------------------------------------------
-    def run_stage(self, key: str, fn: Callable[[], Dict[str, Any]], inputs: Iterable = ()) -> Dict:
+    def run_stage(self, key: str, fn: Callable[[], Any], inputs: Iterable = (),
+                  record: Optional[type] = None):
         """Run ``fn`` (stage ``key``, e.g. ``ptq`` or ``ptq:repopt``) unless its recorded
-        result is still valid: same input fingerprint, outputs present, stage not forced."""
+        result is still valid: same input fingerprint, outputs present, stage not forced.
+        ``record``: the stage's record type (``pipeline.json`` holds its dict)."""
         inputs = list(inputs)
         stage = key.split(":")[0]
         rec = self.state.get(key)
@@ -82,16 +155,17 @@ class Pipeline:
         outputs_ok = rec is not None and all(Path(p).exists() for p in rec.get("files", []))
         if stage not in self.force and rec and rec.get("inputs") == fp and outputs_ok:
             self.say(f"[{key}] up to date (recorded in {self.state_path}); reusing")
-            return rec["result"]
+            return record.from_dict(rec["result"]) if record else rec["result"]
         self.say(f"[{key}] running ...")
         t0 = time.time()
-        result = fn()
+        out = fn()
+        result = out.to_dict() if isinstance(out, _Record) else out
         files = [str(v) for v in _walk_paths(result)]
         self.state[key] = {"result": result, "inputs": _fingerprint(inputs), "files": files,
                            "seconds": round(time.time() - t0, 1)}
         self._save()
         self.say(f"[{key}] done in {time.time() - t0:.1f} s")
-        return result
+        return out
 
     def _save(self):
         write_json(self.state_path, self.state, default=str)
@@ -113,20 +187,23 @@ class Pipeline:
         for v in self.variants:
             k = _key
             tr = self.run_stage(k("train", v), lambda: self.stage_train(v),
-                                [data["dataset"]] + ([p.float_weights] if p.float_weights else []))
-            ptq = self.run_stage(k("ptq", v), lambda: self.stage_ptq(v, tr), [tr["weights"]])
+                                [data["dataset"]] + ([p.float_weights] if p.float_weights else []),
+                                TrainRecord)
+            ptq = self.run_stage(k("ptq", v), lambda: self.stage_ptq(v, tr), [tr.weights],
+                                 PTQRecord)
             qat = None
             if p.qat:
                 qat = self.run_stage(k("qat", v), lambda: self.stage_qat(v, tr, ptq),
-                                     [tr["weights"], ptq["full"]])
+                                     [tr.weights, ptq.full], QATRecord)
             exp = self.run_stage(k("export", v), lambda: self.stage_export(v, tr, ptq, qat),
-                                 [tr["weights"], ptq["full"]] + ([qat["weights"]] if qat else []))
+                                 [tr.weights, ptq.full] + ([qat.weights] if qat else []))
             ev = self.run_stage(k("eval", v), lambda: self.stage_eval(v, tr, ptq, qat, exp),
                                 _eval_inputs(tr, ptq, qat, exp))
             sp = self.run_stage(k("speed", v), lambda: self.stage_speed(v, tr, ptq, qat),
-                                [tr["weights"]] + ([qat["weights"]] if qat else [ptq["full"]]))
-            self.results[v] = {"train": tr, "ptq": ptq, "qat": qat, "export": exp, "eval": ev,
-                               "speed": sp}
+                                [tr.weights] + ([qat.weights] if qat else [ptq.full]))
+            self.results[v] = {"train": tr.to_dict(), "ptq": ptq.to_dict(),
+                               "qat": qat.to_dict() if qat else None, "export": exp,
+                               "eval": ev, "speed": sp}
         report = self.stage_report()  # cheap: always rewritten from the recorded results
         self.say(f"\npipeline finished in {time.time() - t0:.0f} s -> {report['report']}")
         return {"dir": str(self.dir), "results": self.results, **report}
@@ -191,7 +268,7 @@ class Pipeline:
             extra = {"scales": str(scales), "hs_results_csv": str(vd / "hs" / "results.csv")}
         run = vd / "float"
         self._train_run(self.variant_cfg(variant), run, _key("train", variant))
-        return {**self._train_result(run), **extra}
+        return TrainRecord(**self._train_result(run), **extra)
 
     def _given_weights(self, path: Path) -> Dict[str, Any]:
         """``pipeline.float_weights``: no training; an official or foreign checkpoint is
@@ -203,8 +280,8 @@ class Pipeline:
         save_checkpoint({"model": model.state_dict(), "config": config_to_dict(self.cfg),
                          "epoch": -1, "source": str(path)}, out)
         self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
-        return {"weights": str(out), "run_dir": str(out.parent.parent), "metrics": {},
-                "results_csv": str(out.parent.parent / "results.csv"), "source": str(path)}
+        return TrainRecord(weights=str(out), run_dir=str(out.parent.parent), metrics={},
+                           results_csv=str(out.parent.parent / "results.csv"), source=str(path))
 
     def _train_result(self, run: Path) -> Dict[str, Any]:
         best = run / "weights" / "best.pt"
@@ -213,48 +290,45 @@ class Pipeline:
         return {"weights": str(weights), "run_dir": str(run), "metrics": _scalars(ck.get("metrics", {})),
                 "results_csv": str(run / "results.csv")}
 
-    def stage_ptq(self, variant: str, tr: Dict[str, Any]) -> Dict[str, Any]:
+    def stage_ptq(self, variant: str, tr: TrainRecord) -> PTQRecord:
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "ptq"
         methods = [str(m) for m in p.calib_methods] or [str(cfg.quant.calib)]
-        main = run_ptq(cfg, tr["weights"], calib=methods[0], sensitivity=bool(p.sensitivity),
+        main = run_ptq(cfg, tr.weights, calib=methods[0], sensitivity=bool(p.sensitivity),
                        sensitivity_mode=str(p.sensitivity_mode), skip_top=p.skip_top,
                        max_drop=None if p.skip_top is not None else p.max_drop,
                        run_dir=out, out=out / "ptq_partial.pt", out_full=out / "ptq.pt",
                        eval_images=p.eval_images, progress=self.verbose, verbose=self.verbose)
-        res = {"full": str(out / "ptq.pt"), "summary": str(out / "summary.json"),
-               "calib": methods[0], "float": main["float"], "ptq": main["ptq"],
-               "partial": main["partial"], "skip_layers": main["skip_layers"],
-               "quantized_layers": main["quantized_layers"],
-               "sensitivity": main.get("sensitivity"), "times": main["times"],
-               "calib_rows": [{"calib": methods[0], **_map(main["ptq"])}]}
-        if main["partial"] is not None:
-            res["partial_weights"] = str(out / "ptq_partial.pt")
-        if (out / "sensitivity.csv").exists():
-            res["sensitivity_csv"] = str(out / "sensitivity.csv")
+        res = PTQRecord(
+            full=str(out / "ptq.pt"), summary=str(out / "summary.json"), calib=methods[0],
+            float=main["float"], ptq=main["ptq"], partial=main["partial"],
+            skip_layers=main["skip_layers"], quantized_layers=main["quantized_layers"],
+            sensitivity=main.get("sensitivity"), times=main["times"],
+            calib_rows=[{"calib": methods[0], **_map(main["ptq"])}],
+            partial_weights=str(out / "ptq_partial.pt") if main["partial"] is not None else None,
+            sensitivity_csv=(str(out / "sensitivity.csv") if (out / "sensitivity.csv").exists()
+                             else None))
         for m in methods[1:]:  # other calibrators: mAP only
-            s = run_ptq(cfg, tr["weights"], calib=m, eval_images=p.eval_images,
+            s = run_ptq(cfg, tr.weights, calib=m, eval_images=p.eval_images,
                         progress=False, verbose=False)
-            res["calib_rows"].append({"calib": m, **_map(s["ptq"])})
+            res.calib_rows.append({"calib": m, **_map(s["ptq"])})
             self.say(f"[ptq] calibrator {m}: mAP50-95 {s['ptq']['map50_95']:.4f}")
         return res
 
-    def stage_qat(self, variant: str, tr: Dict[str, Any], ptq: Dict[str, Any]) -> Dict[str, Any]:
+    def stage_qat(self, variant: str, tr: TrainRecord, ptq: PTQRecord) -> QATRecord:
         p = self.cfg.pipeline
         runs = [("qat", bool(p.qat_distill))]
         if p.qat_compare_no_distill and p.qat_distill:
             runs.append(("qat_nocwd", False))
-        res: Dict[str, Any] = {}
+        entries = {}
         for name, distill in runs:
             s = self._qat_run(variant, tr, ptq, name, distill)
-            entry = {"weights": s["best"], "run_dir": s["run_dir"], "distill": distill,
-                     "metrics": s.get("qat"), "results_csv": str(Path(s["run_dir"]) / "results.csv")}
-            if name == "qat":
-                res.update(entry)
-            else:
-                res["no_distill"] = entry
-        return res
+            entries[name] = dict(weights=s["best"], run_dir=s["run_dir"], distill=distill,
+                                 metrics=s.get("qat"),
+                                 results_csv=str(Path(s["run_dir"]) / "results.csv"))
+        nocwd = entries.get("qat_nocwd")
+        return QATRecord(**entries["qat"], no_distill=QATRunRecord(**nocwd) if nocwd else None)
 
     def _qat_run(self, variant, tr, ptq, name: str, distill: bool) -> Dict[str, Any]:
         run = self.vdir(variant) / name
@@ -274,7 +348,7 @@ class Pipeline:
             best = best if best.exists() else last
             return {"run_dir": str(run), "best": str(best),
                     "qat": _scalars(load_checkpoint(best).get("metrics", {}))}
-        return run_qat(cfg, weights=ptq["full"], teacher=tr["weights"], overrides=ov,
+        return run_qat(cfg, weights=ptq.full, teacher=tr.weights, overrides=ov,
                        evaluate_start=False, verbose=self.verbose)
 
     def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
@@ -284,9 +358,9 @@ class Pipeline:
         out = self.vdir(variant) / "export"
         out.mkdir(parents=True, exist_ok=True)
         size = int(cfg.data.img_size)
-        res = {"float": export_model(cfg, tr["weights"], flavour="float",
+        res = {"float": export_model(cfg, tr.weights, flavour="float",
                                      out=out / "float.onnx", img_size=size)["path"]}
-        final = qat["weights"] if qat else ptq["full"]
+        final = qat.weights if qat else ptq.full
         own = str(load_checkpoint(final)["quant"].get("flavour") or "onnxruntime")
         res[f"int8_{own}"] = export_model(cfg, final, out=out / f"int8_{own}.onnx",
                                           img_size=size)["path"]
@@ -295,7 +369,7 @@ class Pipeline:
             if fl == own:
                 continue
             ck = out / f"ptq_{fl}.pt"
-            run_ptq(cfg, tr["weights"], flavour=fl, out=ck, eval_images=1, progress=False,
+            run_ptq(cfg, tr.weights, flavour=fl, out=ck, eval_images=1, progress=False,
                     verbose=False)
             res[f"int8_{fl}"] = export_model(cfg, str(ck), out=out / f"int8_{fl}.onnx",
                                              img_size=size)["path"]
@@ -308,19 +382,19 @@ class Pipeline:
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "eval"
         rows: List[Dict[str, Any]] = []
-        jobs = [("float", "torch FP32", "torch", tr["weights"]),
-                ("ptq", "torch fake-quant", "torch", ptq["full"])]
-        if ptq.get("partial_weights"):
-            jobs.append((f"partial ({len(ptq['skip_layers'])} float)", "torch fake-quant",
-                         "torch", ptq["partial_weights"]))
-        if qat and qat.get("no_distill"):
-            jobs.append(("qat", "torch fake-quant", "torch", qat["no_distill"]["weights"]))
+        jobs = [("float", "torch FP32", "torch", tr.weights),
+                ("ptq", "torch fake-quant", "torch", ptq.full)]
+        if ptq.partial_weights:
+            jobs.append((f"partial ({len(ptq.skip_layers)} float)", "torch fake-quant",
+                         "torch", ptq.partial_weights))
+        if qat and qat.no_distill:
+            jobs.append(("qat", "torch fake-quant", "torch", qat.no_distill.weights))
         if qat:
-            jobs.append(("qat+cwd" if qat["distill"] else "qat", "torch fake-quant", "torch",
-                         qat["weights"]))
+            jobs.append(("qat+cwd" if qat.distill else "qat", "torch fake-quant", "torch",
+                         qat.weights))
         jobs.append(("float", "ORT FP32", "onnxruntime", exp["float"]))
         for fl, src in exp["int8_source"].items():
-            stage = "qat+cwd" if src == "qat" and qat and qat["distill"] else src
+            stage = "qat+cwd" if src == "qat" and qat and qat.distill else src
             jobs.append((stage, f"ORT INT8 ({fl} flavour)", "onnxruntime", exp[f"int8_{fl}"]))
         jobs.append(("float", "TensorRT FP16", "tensorrt", exp["float"]))
         if "tensorrt" in exp["int8_source"]:
@@ -353,12 +427,12 @@ class Pipeline:
     def stage_speed(self, variant, tr, ptq, qat) -> Dict[str, Any]:
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
-        final = qat["weights"] if qat else ptq["full"]
+        final = qat.weights if qat else ptq.full
         size = int(p.speed_img_size or cfg.data.img_size)
         data_dir = Path(self.cfg.data.dataset).parent
         calib = next((str(d) for d in (data_dir / "images" / "train", data_dir / "images")
                       if d.is_dir()), None)
-        res = speed_benchmark(cfg, weights=tr["weights"], quant_weights=[final], img_size=size,
+        res = speed_benchmark(cfg, weights=tr.weights, quant_weights=[final], img_size=size,
                               batches=[int(b) for b in p.speed_batches], threads=int(p.threads),
                               iters=int(p.speed_iters), iters_large=max(3, int(p.speed_iters) // 4),
                               calib=calib, calib_num=16, log=lambda s: self.say(f"[speed] {s}"))
@@ -391,12 +465,11 @@ def _with(cfg, overrides: List[str]):
 
 
 def _eval_inputs(tr, ptq, qat, exp) -> List[str]:
-    files = [tr["weights"], ptq["full"]] + ([ptq["partial_weights"]] if ptq.get("partial_weights")
-                                            else [])
+    files = [tr.weights, ptq.full] + ([ptq.partial_weights] if ptq.partial_weights else [])
     if qat:
-        files.append(qat["weights"])
-        if qat.get("no_distill"):
-            files.append(qat["no_distill"]["weights"])
+        files.append(qat.weights)
+        if qat.no_distill:
+            files.append(qat.no_distill.weights)
     files += [v for k, v in exp.items() if isinstance(v, str) and v.endswith(".onnx")]
     return files
 
