@@ -252,53 +252,8 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
                 bars.append({"stage": label.replace("\n", " / "), "map50_95": r.get("map50_95"),
                              "map50": r.get("map50")})
         figs[f"map_{variant}"] = str(plot_map_per_stage(bars, plots / f"map_per_stage_{variant}.png"))
-        # PTQ details
-        md += ["### PTQ", "", f"{ptq['quantized_layers']} quantized layers. Calibrators "
-               f"(all layers INT8, torch fake-quant):", "",
-               md_table(["calibrator", "mAP50-95", "mAP50"],
-                        [[c["calib"], _pct(c.get("map50_95")), _pct(c.get("map50"))]
-                         for c in ptq.get("calib_rows", [])]), ""]
-        if ptq.get("skip_layers") is not None and ptq.get("partial") is not None:
-            md += [f"Partial quantization (`max_drop` {cfg.pipeline.max_drop} points / "
-                   f"`skip_top` {cfg.pipeline.skip_top}): {len(ptq['skip_layers'])} layer(s) "
-                   f"kept float: {', '.join(f'`{s}`' for s in ptq['skip_layers']) or 'none'}.", ""]
-        sens = _read_csv(ptq.get("sensitivity_csv"))
-        if sens:
-            key = "exact_drop" if sens[0].get("exact_drop") not in (None, "") else "proxy_score"
-            md += [f"Most sensitive layers (`{key}`; full ranking in `{ptq['sensitivity_csv']}`):",
-                   "", md_table(["rank", "layer", "proxy score", "exact drop"],
-                                [[int(r["rank"]), r["layer"], r.get("proxy_score"),
-                                  r.get("exact_drop")] for r in sens[:10]]), ""]
-            s = ptq.get("sensitivity") or {}
-            if s.get("spearman") is not None:
-                md += [f"Proxy vs exact: Spearman {s['spearman']:.3f}, proxy "
-                       f"{s.get('speedup') or 0:.1f}x faster.", ""]
-            plot_data[f"sens_{variant}"] = [float(r.get(key) or 0) for r in sens[:30]]
-            figs[f"sens_{variant}"] = str(plot_sensitivity(
-                [{"layer": r["layer"], key: r.get(key)} for r in sens],
-                plots / f"sensitivity_{variant}.png", key=key, top=30))
-        # curves
-        curves = {"float": _curve(tr.get("results_csv"))}
-        if tr.get("hs_results_csv"):
-            curves["hyper-search"] = _curve(tr["hs_results_csv"])
-        if qat:
-            curves["QAT" + ("+CWD" if qat.get("distill") else "")] = _curve(qat["results_csv"])
-            if qat.get("no_distill"):
-                curves["QAT"] = _curve(qat["no_distill"]["results_csv"])
-        n_float = len(curves["float"])
-        offsets = {k: n_float for k in curves if k.startswith("QAT")}
-        figs[f"curves_{variant}"] = str(plot_curves(curves, plots / f"curves_{variant}.png",
-                                                    offsets))
-        plot_data[f"curves_{variant}"] = {k: [r["epoch"] + offsets.get(k, 0) for r in v]
-                                          for k, v in curves.items()}
-        pr = {}
-        for r in ev_rows:
-            if r.get("pr") and Path(r["pr"]).exists():
-                z = np.load(r["pr"])
-                pr[f"{r['stage']} / {r['runtime']}"] = {"recall": z["recall"], "mean": z["mean"]}
-        p = plot_pr(pr, plots / f"pr_{variant}.png")
-        if p:
-            figs[f"pr_{variant}"] = str(p)
+        md += _ptq_section(variant, ptq, cfg, plots, figs, plot_data)
+        _curve_and_pr_plots(variant, tr, qat, ev_rows, plots, figs, plot_data)
         md += ["### Latency", "", format_speed_markdown(res["speed"]), ""]
         md += [f"- note: {n}" for n in res["speed"].get("notes", [])] + [""]
         md += ["### Plots", ""]
@@ -314,3 +269,58 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
     path.write_text("\n".join(md), encoding="utf-8")
     return {"report": str(path), "summary": srows, "table": format_summary(srows, markdown=False),
             "plots": figs, "plot_data": plot_data}
+
+
+def _ptq_section(variant, ptq, cfg, plots: Path, figs, plot_data) -> List[str]:
+    """Calibrators, partial quantization and the most sensitive layers (with their plot)."""
+    md: List[str] = []
+    md += ["### PTQ", "", f"{ptq['quantized_layers']} quantized layers. Calibrators "
+           f"(all layers INT8, torch fake-quant):", "",
+           md_table(["calibrator", "mAP50-95", "mAP50"],
+                    [[c["calib"], _pct(c.get("map50_95")), _pct(c.get("map50"))]
+                     for c in ptq.get("calib_rows", [])]), ""]
+    if ptq.get("skip_layers") is not None and ptq.get("partial") is not None:
+        md += [f"Partial quantization (`max_drop` {cfg.pipeline.max_drop} points / "
+               f"`skip_top` {cfg.pipeline.skip_top}): {len(ptq['skip_layers'])} layer(s) "
+               f"kept float: {', '.join(f'`{s}`' for s in ptq['skip_layers']) or 'none'}.", ""]
+    sens = _read_csv(ptq.get("sensitivity_csv"))
+    if sens:
+        key = "exact_drop" if sens[0].get("exact_drop") not in (None, "") else "proxy_score"
+        md += [f"Most sensitive layers (`{key}`; full ranking in `{ptq['sensitivity_csv']}`):",
+               "", md_table(["rank", "layer", "proxy score", "exact drop"],
+                            [[int(r["rank"]), r["layer"], r.get("proxy_score"),
+                              r.get("exact_drop")] for r in sens[:10]]), ""]
+        s = ptq.get("sensitivity") or {}
+        if s.get("spearman") is not None:
+            md += [f"Proxy vs exact: Spearman {s['spearman']:.3f}, proxy "
+                   f"{s.get('speedup') or 0:.1f}x faster.", ""]
+        plot_data[f"sens_{variant}"] = [float(r.get(key) or 0) for r in sens[:30]]
+        figs[f"sens_{variant}"] = str(plot_sensitivity(
+            [{"layer": r["layer"], key: r.get(key)} for r in sens],
+            plots / f"sensitivity_{variant}.png", key=key, top=30))
+    return md
+
+
+def _curve_and_pr_plots(variant, tr, qat, ev_rows, plots: Path, figs, plot_data) -> None:
+    """Training curves (float, hyper-search, QAT) and the PR curves of every evaluation."""
+    curves = {"float": _curve(tr.get("results_csv"))}
+    if tr.get("hs_results_csv"):
+        curves["hyper-search"] = _curve(tr["hs_results_csv"])
+    if qat:
+        curves["QAT" + ("+CWD" if qat.get("distill") else "")] = _curve(qat["results_csv"])
+        if qat.get("no_distill"):
+            curves["QAT"] = _curve(qat["no_distill"]["results_csv"])
+    n_float = len(curves["float"])
+    offsets = {k: n_float for k in curves if k.startswith("QAT")}
+    figs[f"curves_{variant}"] = str(plot_curves(curves, plots / f"curves_{variant}.png",
+                                                offsets))
+    plot_data[f"curves_{variant}"] = {k: [r["epoch"] + offsets.get(k, 0) for r in v]
+                                      for k, v in curves.items()}
+    pr = {}
+    for r in ev_rows:
+        if r.get("pr") and Path(r["pr"]).exists():
+            z = np.load(r["pr"])
+            pr[f"{r['stage']} / {r['runtime']}"] = {"recall": z["recall"], "mean": z["mean"]}
+    p = plot_pr(pr, plots / f"pr_{variant}.png")
+    if p:
+        figs[f"pr_{variant}"] = str(p)

@@ -60,20 +60,8 @@ def expand_env(text: str) -> str:
     return _ENV_RE.sub(sub, text)
 
 
-def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool = True) -> Dict[str, Any]:
-    """Read and validate a data YAML; return a dict with absolute paths.
-
-    Keys: ``path`` (dataset root; optional, default the YAML's folder; relative -> against the
-    YAML's folder; ``${VAR:-default}`` expanded), ``train``, ``val`` (image folders, ``.txt``
-    lists, or lists of those; relative -> against ``path``), ``nc``, ``names`` (list or
-    ``{index: name}``), optional ``train_json``/``val_json`` (COCO instances JSON; when given the
-    labels come from it), optional ``coco_ids`` (class index -> COCO category id).
-
-    ``root`` (e.g. ``cfg.data.root``) replaces the YAML's ``path``. With ``check`` every path
-    must exist, else :class:`DataNotFoundError` naming the YAML, the key and the path.
-    Returned extra key: ``yaml_file``.
-    """
-    yaml_file = Path(path).expanduser().resolve()
+def _read_data_mapping(yaml_file: Path) -> Dict[str, Any]:
+    """The data YAML's mapping, with known keys and the required ones (one-line errors)."""
     try:
         with open(yaml_file, "r", encoding="utf-8") as f:
             raw = yaml.safe_load(f)
@@ -95,7 +83,11 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
     for key in ("train", "val", "names"):
         if raw.get(key) in (None, "", []):
             raise DataError(f"{yaml_file}: missing required key '{key}'")
+    return raw
 
+
+def _data_classes(raw: Dict[str, Any], yaml_file: Path):
+    """``(names, nc, coco_ids)`` checked against each other."""
     names = raw["names"]
     if isinstance(names, dict):
         try:
@@ -123,7 +115,12 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
         if len(set(coco_ids)) != nc:
             raise DataError(f"{yaml_file}: key 'coco_ids' has duplicate category ids")
         coco_ids = [int(i) for i in coco_ids]
+    return names, nc, coco_ids
 
+
+def _data_root(raw: Dict[str, Any], yaml_file: Path, root, check: bool) -> Path:
+    """The dataset root: ``root`` (e.g. ``data.root``) else the YAML's ``path`` (relative to
+    the YAML's folder), environment variables expanded."""
     base = yaml_file.parent
     if root is not None and str(root) != "":
         droot = Path(expand_env(str(root))).expanduser()
@@ -136,6 +133,26 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
         src = "data.root override" if root else "key 'path'"
         raise DataNotFoundError(f"{yaml_file}: {src}: dataset root not found: {droot} "
                                 f"(set YOLOQ_DATA_ROOT or data.root to relocate it)")
+    return droot
+
+
+def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool = True) -> Dict[str, Any]:
+    """Read and validate a data YAML; return a dict with absolute paths.
+
+    Keys: ``path`` (dataset root; optional, default the YAML's folder; relative -> against the
+    YAML's folder; ``${VAR:-default}`` expanded), ``train``, ``val`` (image folders, ``.txt``
+    lists, or lists of those; relative -> against ``path``), ``nc``, ``names`` (list or
+    ``{index: name}``), optional ``train_json``/``val_json`` (COCO instances JSON; when given the
+    labels come from it), optional ``coco_ids`` (class index -> COCO category id).
+
+    ``root`` (e.g. ``cfg.data.root``) replaces the YAML's ``path``. With ``check`` every path
+    must exist, else :class:`DataNotFoundError` naming the YAML, the key and the path.
+    Returned extra key: ``yaml_file``.
+    """
+    yaml_file = Path(path).expanduser().resolve()
+    raw = _read_data_mapping(yaml_file)
+    names, nc, coco_ids = _data_classes(raw, yaml_file)
+    droot = _data_root(raw, yaml_file, root, check)
 
     def resolve(key: str) -> Union[None, str, List[str]]:
         val = raw.get(key)

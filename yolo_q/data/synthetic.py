@@ -184,9 +184,14 @@ def render_image(seed: int, split: int, index: int, size: int, spec: SyntheticSp
     ``(cls, x1, y1, x2, y2, visible_area)`` in pixels (x2/y2 exclusive), boxes tight on the
     visible drawn pixels."""
     rng = np.random.default_rng((int(seed), int(split), int(index)))
-    s = size
-    img = _background(rng, s)
-    # clutter under the objects: irregular elongated blobs and lines
+    img = _background(rng, size)
+    _draw_clutter(rng, img, size, spec)  # under the objects: irregular blobs and lines
+    owner, objects = _draw_objects(rng, img, size, spec)
+    out = _finish_image(rng, img, spec)
+    return np.ascontiguousarray(out), _visible_boxes(owner, objects)
+
+
+def _draw_clutter(rng, img: np.ndarray, s: int, spec: SyntheticSpec) -> None:
     n_clutter = int(rng.integers(0, spec.max_distractors + 1))
     for _ in range(n_clutter):
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
@@ -206,6 +211,10 @@ def render_image(seed: int, split: int, index: int, size: int, spec: SyntheticSp
             cv2.polylines(img, [np.round(p * (1 << _SHIFT)).astype(np.int32)], False, colour,
                           int(rng.integers(1, 3)), cv2.LINE_AA, _SHIFT)
 
+
+def _draw_objects(rng, img: np.ndarray, s: int, spec: SyntheticSpec):
+    """Draw the objects (each at most ``max_occlusion`` hidden by later ones); returns the
+    per-pixel owner map and ``[(cls, (y0, x0, h, w))]``."""
     owner = np.full((s, s), -1, np.int16)
     full_area: List[int] = []  # drawn pixels per object
     visible: List[int] = []  # of those, not yet covered by later objects
@@ -263,14 +272,18 @@ def render_image(seed: int, split: int, index: int, size: int, spec: SyntheticSp
         full_area.append(int(solid.sum()))
         visible.append(full_area[-1])
         objects.append((cls, (y0, x0, mh, mw)))
+    return owner, objects
 
-    # a few thin lines over everything (minor occlusion, boxes unchanged)
+
+def _finish_image(rng, img: np.ndarray, spec: SyntheticSpec) -> np.ndarray:
+    """Thin lines over everything (minor occlusion, boxes unchanged), colour noise, gain
+    jitter, occasional blur; RGB float -> BGR uint8."""
+    s = img.shape[0]
     for _ in range(int(rng.integers(0, 3))):
         p = rng.uniform(0, s, (2, 2))
         colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
         cv2.line(img, tuple(np.round(p[0] * 16).astype(int)), tuple(np.round(p[1] * 16).astype(int)),
                  colour, 1, cv2.LINE_AA, 4)
-    # colour noise, gain jitter, occasional blur
     img *= rng.uniform(0.85, 1.15, 3).astype(np.float32)
     sigma = rng.uniform(0, spec.noise_sigma)
     if sigma > 0:
@@ -279,7 +292,10 @@ def render_image(seed: int, split: int, index: int, size: int, spec: SyntheticSp
         img = cv2.GaussianBlur(img, (3, 3), 0.7)
     img += 0.5
     out = np.clip(img, 0, 255, out=img).astype(np.uint8)[..., ::-1]  # RGB -> BGR (OpenCV)
+    return out
 
+
+def _visible_boxes(owner: np.ndarray, objects) -> List[Tuple[int, int, int, int, int, int]]:
     labels = []
     for k, (cls, (y0, x0, mh, mw)) in enumerate(objects):
         vis = owner[y0:y0 + mh, x0:x0 + mw] == k
@@ -288,7 +304,7 @@ def render_image(seed: int, split: int, index: int, size: int, spec: SyntheticSp
             continue
         labels.append((cls, x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1,
                        y0 + int(ys.max()) + 1, int(len(ys))))
-    return np.ascontiguousarray(out), labels
+    return labels
 
 
 def _encode(img: np.ndarray, spec: SyntheticSpec) -> bytes:

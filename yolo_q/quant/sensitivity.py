@@ -390,6 +390,34 @@ def _descending_ranks(names: List[str], scores: Dict[str, float]) -> Dict[str, i
     return {names[i]: r + 1 for r, i in enumerate(order)}
 
 
+def _proxy_rows(model, proxy_batches, names, proxy_metric, progress, gain, report, by_name):
+    """The proxy part of :func:`sensitivity_analysis`: scores, ranks and timing."""
+    if not proxy_batches:
+        raise ValueError("proxy sensitivity needs calibration batches")
+    t0 = time.perf_counter()
+    proxy = proxy_sensitivity(model, proxy_batches, names, metric=proxy_metric,
+                              progress=progress, gain=gain)
+    report["proxy_seconds"] = time.perf_counter() - t0
+    report["proxy_metric"] = proxy.metric
+    report["proxy_images"] = int(sum(_num_images(b) for b in proxy_batches))
+    for n, r in _descending_ranks(names, proxy).items():
+        by_name[n].update(proxy_score=proxy[n], proxy_rank=r)
+    return proxy
+
+
+def _all_but_rows(model, evaluate_fn, names, ptq_metrics, progress, report, by_name) -> None:
+    """The all-but-this-layer part of :func:`sensitivity_analysis` (mAP recovered vs PTQ)."""
+    if not ptq_metrics:
+        raise ValueError("all-but sensitivity needs the fully quantized model's metrics")
+    t0 = time.perf_counter()
+    res = exact_sensitivity(model, evaluate_fn, names, all_but=True, progress=progress)
+    report["all_but_seconds"] = time.perf_counter() - t0
+    recovered = {n: res[n]["map50_95"] - float(ptq_metrics["map50_95"]) for n in names}
+    for n, r in _descending_ranks(names, recovered).items():
+        by_name[n].update(all_but_map50_95=res[n]["map50_95"],
+                          all_but_gain=recovered[n], all_but_rank=r)
+
+
 def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = None,
                          evaluate_fn: Optional[Callable[[nn.Module], dict]] = None,
                          mode: str = "proxy", all_but: bool = False,
@@ -429,16 +457,8 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
     by_name = {r["layer"]: r for r in rows}
     proxy = exact = None
     if mode in ("proxy", "both"):
-        if not proxy_batches:
-            raise ValueError("proxy sensitivity needs calibration batches")
-        t0 = time.perf_counter()
-        proxy = proxy_sensitivity(model, proxy_batches, names, metric=proxy_metric,
-                                  progress=progress, gain=gain)
-        report["proxy_seconds"] = time.perf_counter() - t0
-        report["proxy_metric"] = proxy.metric
-        report["proxy_images"] = int(sum(_num_images(b) for b in proxy_batches))
-        for n, r in _descending_ranks(names, proxy).items():
-            by_name[n].update(proxy_score=proxy[n], proxy_rank=r)
+        proxy = _proxy_rows(model, proxy_batches, names, proxy_metric, progress, gain, report,
+                            by_name)
     if mode in ("exact", "both"):
         if evaluate_fn is None or not float_metrics:
             raise ValueError("exact sensitivity needs evaluate_fn and the float metrics")
@@ -458,15 +478,7 @@ def sensitivity_analysis(model: nn.Module, proxy_batches: Optional[Sequence] = N
             if "map50_95_halves" in res[n]:
                 by_name[n]["exact_map50_95_halves"] = res[n]["map50_95_halves"]
         if all_but:
-            if not ptq_metrics:
-                raise ValueError("all-but sensitivity needs the fully quantized model's metrics")
-            t0 = time.perf_counter()
-            res = exact_sensitivity(model, evaluate_fn, names, all_but=True, progress=progress)
-            report["all_but_seconds"] = time.perf_counter() - t0
-            recovered = {n: res[n]["map50_95"] - float(ptq_metrics["map50_95"]) for n in names}
-            for n, r in _descending_ranks(names, recovered).items():
-                by_name[n].update(all_but_map50_95=res[n]["map50_95"],
-                                  all_but_gain=recovered[n], all_but_rank=r)
+            _all_but_rows(model, evaluate_fn, names, ptq_metrics, progress, report, by_name)
     if proxy is not None and exact is not None:
         report["spearman"] = spearman([proxy[n] for n in names], [exact[n] for n in names])
         report["speedup"] = report["exact_seconds"] / max(report["proxy_seconds"], 1e-9)
