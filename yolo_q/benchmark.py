@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .data.images import image_batches
-from .engine.fit import build_optimizer_for
+from .engine.session import build_optimizer_for
 from .eval.backends import TrtBackend, load_deploy_trt
 from .export.api import quick_ptq
 from .export.onnx import export_onnx, shared_initializers

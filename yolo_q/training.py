@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 from .config import copy_config, save_config
 from .data import build_datasets_from_config
 from .engine.distributed import cleanup, init_distributed
-from .engine.fit import RepOptScalesHook, fit, start_run, sync_nc_with_data
+from .engine.session import RepOptScalesHook, fit, start_run, sync_nc_with_data
 from .engine.hooks import default_hooks
 from .engine.trainer import seed_everything
 from .eval.runner import make_evaluate_fn

@@ -48,7 +48,7 @@ def test_hyper_search_then_repopt_training(tiny_data, tmp_path, repo_root):
 
 
 def test_build_optimizer_gives_repoptimizer_with_masks(repo_root, tmp_path):
-    from yolo_q.engine.fit import build_optimizer_for
+    from yolo_q.engine.session import build_optimizer_for
     from yolo_q.optim.repopt import save_scales
     hs = build_model(load_config(repo_root / "configs/repopt/yolov6n_hs.yaml", TINY))
     save_scales(hs, tmp_path / "s.pt")

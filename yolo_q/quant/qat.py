@@ -45,7 +45,7 @@ from ..config import config_from_dict, copy_config, save_config
 from ..config.loader import validate_choices
 from ..data import build_datasets_from_config
 from ..engine.distributed import cleanup, init_distributed, resolve_device
-from ..engine.fit import fit, start_run, sync_nc_with_data
+from ..engine.session import fit, start_run, sync_nc_with_data
 from ..engine.hooks import Hook, WarmupLRHook, default_hooks
 from ..engine.trainer import seed_everything
 from ..eval.backends import OrtBackend
