@@ -1,7 +1,7 @@
 """Which TensorRT Python API our code uses, read from the code itself, and a check of it against
 an installed ``tensorrt`` module (real bindings; no GPU needed, the bindings only have to import).
 
-Collected by ``ast`` from :data:`SCANNED` files, so the list cannot drift from the code:
+Collected by ``ast`` from :data:`SCANNED` (files, or ``file::Name`` for one class), so the list cannot drift from the code:
 
 * every ``trt.<A>.<B>...`` chain (module functions, classes, enum members) and its call arguments;
 * every attribute / method call on a variable (or ``self.<name>``) whose name is a key of
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ("deploy/trt.py", "deploy/gpu_check.py", "yolo_q/eval/backends.py")
+SCANNED = ("deploy/trt.py", "deploy/gpu_check.py", "yolo_q/eval/backends.py::TrtBackend")
 MODULE_ALIAS = "trt"  # ``import tensorrt as trt`` / ``trt = require_tensorrt()``
 
 # variable / attribute name -> TensorRT class of the object it holds (the naming rule)
@@ -140,11 +140,18 @@ class _Collector(ast.NodeVisitor):
 def collect_uses(paths: Sequence[str] = SCANNED, root: Path = ROOT) -> List[Use]:
     """Every TensorRT API use in ``paths`` (relative to ``root``; missing files are skipped)."""
     uses: List[Use] = []
-    for rel in paths:
+    for entry in paths:
+        rel, _, scope = entry.partition("::")  # "file::Name": only that class / function
         p = root / rel
-        if p.is_file():
+        if not p.is_file():
+            continue
+        tree = ast.parse(p.read_text(), filename=str(p))
+        nodes = [n for n in tree.body if getattr(n, "name", None) == scope] if scope else [tree]
+        if scope and not nodes:
+            raise ValueError(f"{rel}: no top-level '{scope}' to scan (update trt_api.SCANNED)")
+        for node in nodes:
             c = _Collector(rel)
-            c.visit(ast.parse(p.read_text(), filename=str(p)))
+            c.visit(node)
             uses += c.uses
     return uses
 
