@@ -409,19 +409,17 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
                                   ("QLinearConv", "Conv", "QuantizeLinear", "DequantizeLinear",
                                    "QLinearConcat", "QLinearAdd", "MaxPool")}
         trt_why = _trt_available() if any(r.startswith("trt_") for r in rows) else None
-        if trt_why:
-            notes.append(f"TensorRT rows skipped: {trt_why}")
+        skipped = {r: trt_why for r in rows if r.startswith("trt_") and trt_why}
         # ---- callables
         sessions = {k: _ort_session(p, threads, ort_spin) for k, p in onnx_files.items() if k in rows}
         trt = {}
-        if not trt_why:
-            from .eval.backends import TrtBackend
-            if "trt_fp16" in rows:
-                trt["trt_fp16"] = TrtBackend(onnx_files["ort_fp32"], fp16=True,
-                                             max_batch=max(batches))
-            if "trt_int8" in rows:
-                trt["trt_int8"] = TrtBackend(onnx_files["ort_int8_tensorrt"], fp16=True,
-                                             int8=True, max_batch=max(batches))
+        for r, key in (("trt_fp16", "ort_fp32"), ("trt_int8", "ort_int8_tensorrt")):
+            if r in rows and not trt_why:
+                from .eval.backends import TrtBackend
+                try:  # float ONNX -> FP16 engine, QDQ ONNX -> INT8 + FP16 (strongly typed)
+                    trt[r] = TrtBackend(onnx_files[key], fp16=True, max_batch=max(batches))
+                except Exception as e:  # noqa: BLE001 - a build failure is a skipped row
+                    skipped[r] = str(e).splitlines()[0] if str(e) else type(e).__name__
         results = []
         for b in batches:
             x_t = random_images(b, img_size, seed + b).float() / 255.0
@@ -455,7 +453,7 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
                 if r in graph_ops:
                     row["ort_graph_ops"] = graph_ops[r]
                 results.append(row)
-        return {"rows": results, "cpu": cpu_info(), "notes": notes,
+        return {"rows": results, "cpu": cpu_info(), "notes": notes, "skipped": skipped,
                 "settings": dict(model=str(cfg.model.name), weights=source, img_size=img_size,
                                  batches=list(batches), threads=threads, warmup=warmup,
                                  iters=iters, iters_large=iters_large, calib=calib_src,
@@ -485,6 +483,8 @@ def format_speed_table(res: Dict[str, Any]) -> str:
         sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
         lines.append(f"{r['label']:<40}{r['batch']:>6}{r['median_ms']:>11.1f}{r['p90_ms']:>9.1f}"
                      f"{r['img_per_s']:>9.2f}{sp:>13}")
+    for r, why in res.get("skipped", {}).items():
+        lines.append(f"{ROW_LABELS[r]:<40} skipped: {why}")
     for r in res["rows"]:
         if r.get("ort_graph_ops") and r["batch"] == res["rows"][0]["batch"]:
             ops = r["ort_graph_ops"]

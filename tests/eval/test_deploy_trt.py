@@ -23,7 +23,8 @@ def test_missing_tensorrt_is_one_clear_line(tmp_path):
     with pytest.raises(RuntimeError) as e:
         dtrt.require_tensorrt()
     msg = str(e.value)
-    assert "\n" not in msg and "pip install tensorrt" in msg and "CUDA 12" in msg
+    assert "\n" not in msg and "pip install tensorrt" in msg and "CUDA 13" in msg
+    assert "tensorrt-cu12>=10.8,<11" in msg
     has_pkg = importlib.util.find_spec("tensorrt") is not None
     assert ("tensorrt Python package is not installed" in msg) == (not has_pkg)
     assert ("no CUDA GPU" in msg) == (not torch.cuda.is_available())
@@ -51,7 +52,7 @@ class _Rec:
 
 def fake_tensorrt(rec):
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0"
+    trt.__version__ = "10.8.0"
 
     class Logger:
         WARNING, INFO = "W", "I"
@@ -204,30 +205,72 @@ def test_onnx_has_qdq(onnx_files):
     assert dtrt.onnx_has_qdq(onnx_files["qdq"]) and not dtrt.onnx_has_qdq(onnx_files["float"])
 
 
-def test_build_qdq_engine_sets_int8_fp16_profile_cache(fake_trt, onnx_files, tmp_path):
+def test_build_is_strongly_typed_with_profile_and_cache(fake_trt, onnx_files, tmp_path):
     cache = tmp_path / "t.cache"
     cache.write_bytes(b"OLD")
     out = dtrt.build_engine(onnx_files["qdq"], tmp_path / "q.engine", workspace_gb=2,
-                            max_batch=16, timing_cache=cache)
+                            max_batch=16, timing_cache=cache, require_int8=True)
     assert out.read_bytes() == b"ENGINE"
     cfg = fake_trt.config
-    assert cfg.flags == {"fp16", "int8"}  # Q/DQ found -> explicit INT8, FP16 for the rest
+    assert cfg.flags == set()  # no precision flags: the ONNX types decide
+    assert fake_trt.network.flags == 1 << 5  # STRONGLY_TYPED
     assert cfg.pool == {"workspace": 2 << 30}
     assert cfg.profiles[0].shapes == {"images": ((1, 3, 32, 32), (8, 3, 32, 32),
                                                  (16, 3, 32, 32))}
     assert fake_trt.cache_in == b"OLD" and cache.read_bytes() == b"OLD+new"
-    assert fake_trt.network.flags == 0
     assert ("plugins", "") in fake_trt.calls
 
 
-def test_build_float_engine_and_options(fake_trt, onnx_files, tmp_path):
+def test_build_float_engine_and_errors(fake_trt, onnx_files, tmp_path, capsys):
     e = dtrt.build_engine(onnx_files["float"], tmp_path / "f.engine")
-    assert fake_trt.config.flags == {"fp16"} and fake_trt.config.profiles == []  # static batch
-    assert (tmp_path / "f.timing.cache").read_bytes() == b"+new" and e.is_file()
+    assert fake_trt.config.profiles == [] and e.is_file()  # static batch: no profile
+    assert (tmp_path / "f.timing.cache").read_bytes() == b"+new"
+    assert "run in FP32" in capsys.readouterr().err  # an FP32 ONNX gives an FP32 engine
     with pytest.raises(ValueError, match="no Q/DQ nodes"):
-        dtrt.build_engine(onnx_files["float"], tmp_path / "f.engine", int8=True)
-    dtrt.build_engine(onnx_files["qdq"], tmp_path / "s.engine", strongly_typed=True)
-    assert fake_trt.config.flags == set() and fake_trt.network.flags == 1 << 5
+        dtrt.build_engine(onnx_files["float"], tmp_path / "f.engine", require_int8=True)
     fake_trt.fake_parse_errors = ["In node 3: unsupported op Foo"]
     with pytest.raises(RuntimeError, match="could not parse the ONNX model: In node 3"):
         dtrt.build_engine(onnx_files["float"], tmp_path / "x.engine")
+
+
+def test_old_tensorrt_is_refused(fake_trt, monkeypatch):
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.7.0")
+    with pytest.raises(RuntimeError, match="10.8 or newer"):
+        dtrt.require_tensorrt()
+
+
+def test_engine_cache_key_changes_with_each_part(onnx_files, tmp_path):
+    base = dict(options={"max_batch": 32}, trt_version="11.4.0.106", gpu_name="NVIDIA H100")
+    key = dtrt.engine_cache_key(onnx_files["qdq"], **base)
+    assert key == dtrt.engine_cache_key(onnx_files["qdq"], **base)
+    copy = tmp_path / "same.onnx"
+    copy.write_bytes(onnx_files["qdq"].read_bytes())  # content, not path or mtime
+    assert dtrt.engine_cache_key(copy, **base) == key
+    changed = [dtrt.engine_cache_key(onnx_files["float"], **base),
+               dtrt.engine_cache_key(onnx_files["qdq"], **{**base, "options": {"max_batch": 8}}),
+               dtrt.engine_cache_key(onnx_files["qdq"], **{**base, "trt_version": "10.16.1.11"}),
+               dtrt.engine_cache_key(onnx_files["qdq"], **{**base, "gpu_name": "NVIDIA A100"})]
+    assert len({key, *changed}) == 5
+
+
+def test_cached_engine_reuses_only_matching_builds(fake_trt, onnx_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
+    entered = []
+
+    class Dev:
+        def __init__(self, d):
+            entered.append(str(d))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    monkeypatch.setattr(torch.cuda, "device", Dev)
+    a = dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=8)
+    assert entered == ["cuda:0"] and a.is_file() and a.with_suffix(".json").is_file()
+    assert dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=8) == a
+    assert entered == ["cuda:0"]  # reused, not rebuilt
+    b = dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=16)
+    assert b != a and len(entered) == 2
