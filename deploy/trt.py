@@ -34,8 +34,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 MIN_VERSION = (10, 8)
-INSTALL_HINT = ("on a machine with an NVIDIA GPU run: pip install tensorrt (TensorRT 11, CUDA 13) "
-                "or pip install 'tensorrt-cu12>=10.8,<11' (TensorRT 10, CUDA 12; JetPack ships 10.x)")
+INSTALL_HINT = ("on a machine with an NVIDIA GPU run: pip install -e '.[trt]' (TensorRT 11, CUDA 13), "
+                "'.[trt-cu12]' (CUDA 12) or '.[trt10]' (tensorrt-cu12>=10.8,<11; JetPack ships 10.x); "
+                "see deploy/README.md")
 
 __all__ = ["TensorRTUnavailable", "require_tensorrt", "is_available", "onnx_precision",
            "onnx_has_qdq", "build_engine", "engine_cache_key", "cached_engine", "TrtRunner"]

@@ -23,7 +23,7 @@ def test_missing_tensorrt_is_one_clear_line(tmp_path):
     with pytest.raises(RuntimeError) as e:
         dtrt.require_tensorrt()
     msg = str(e.value)
-    assert "\n" not in msg and "pip install tensorrt" in msg and "CUDA 13" in msg
+    assert "\n" not in msg and "pip install -e '.[trt]'" in msg and "CUDA 13" in msg
     assert "tensorrt-cu12>=10.8,<11" in msg
     has_pkg = importlib.util.find_spec("tensorrt") is not None
     assert ("tensorrt Python package is not installed" in msg) == (not has_pkg)
