@@ -3,6 +3,7 @@ driven through a stand-in ``tensorrt`` module that records the API calls."""
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,50 @@ def test_cached_engine_reuses_only_matching_builds(fake_trt, onnx_files, tmp_pat
     assert entered == ["cuda:0"]  # reused, not rebuilt
     b = dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=16)
     assert b != a and len(entered) == 2
+
+
+@pytest.fixture
+def fake_deploy(monkeypatch):
+    """deploy/trt.py with the GPU parts replaced: records what TrtBackend asks to build."""
+    built = []
+
+    def cached_engine(onnx_path, **kw):
+        built.append((Path(onnx_path), kw))
+        return Path(onnx_path).with_suffix(".engine")
+
+    class Runner:
+        def __init__(self, engine_path, device=None):
+            self.engine_path, self.device = engine_path, torch.device("cpu")
+            self.input_hw, self.fixed_batch, self.max_batch = (32, 32), None, 2
+            self.output_names = ["outputs"]
+            self.batches = []
+
+        def __call__(self, x):
+            self.batches.append(x.shape[0])
+            return {"outputs": x.mean((1, 2, 3))[:, None, None].expand(-1, 4, 8).half()}
+    monkeypatch.setattr(dtrt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(dtrt, "cached_engine", cached_engine)
+    monkeypatch.setattr(dtrt, "TrtRunner", Runner)
+    return built
+
+
+def test_trt_backend_builds_from_the_fp16_rewrite(fake_deploy, onnx_files, tmp_path):
+    from yolo_q.export.fp16 import is_fp16_graph
+    be = TrtBackend(onnx_files["float"], cache_dir=tmp_path, max_batch=2)
+    src, kw = fake_deploy[-1]
+    assert src == tmp_path / "float_fp16.onnx" and is_fp16_graph(src)  # FP16 engine
+    assert kw["require_int8"] is False and kw["max_batch"] == 2 and kw["cache_dir"] == tmp_path
+    x = torch.rand(5, 3, 32, 32)
+    y = be(x)  # batches beyond the profile's max are split; same raw output as other backends
+    assert be.runner.batches == [2, 2, 1] and y.dtype == torch.float32
+    assert torch.allclose(y[:, 0, 0], x.mean((1, 2, 3)), atol=1e-3)
+    TrtBackend(onnx_files["qdq"], cache_dir=tmp_path, int8=True)
+    src, kw = fake_deploy[-1]
+    assert src.name == "qdq_fp16.onnx" and kw["require_int8"] is True
+    assert dtrt.onnx_precision(src) == {"int8": True, "fp16": True, "fp32_compute": False}
+    TrtBackend(src, cache_dir=tmp_path)  # already FP16: built as it is
+    assert fake_deploy[-1][0] == src
+    TrtBackend(onnx_files["float"], fp16=False, cache_dir=tmp_path)  # FP32 as asked
+    assert fake_deploy[-1][0] == onnx_files["float"]
+    with pytest.raises(ValueError, match="int8=False but the ONNX is a QDQ"):
+        TrtBackend(onnx_files["qdq"], int8=False, cache_dir=tmp_path)

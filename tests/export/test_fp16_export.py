@@ -136,3 +136,15 @@ def test_end2end_nms_graph_in_fp16_gives_the_same_detections(tmp_path, x):
         dist[da[:, None, 5] != db[None, :, 5]] = float("inf")
         matched = (dist.min(1).values < 1.0).float().mean()  # same box (< 1 px), same class
         assert matched >= 0.9, matched
+
+
+def test_export_model_fp16_option(tmp_path):
+    from yolo_q.export.api import default_output, export_model
+    cfg = qt.tiny_cfg()
+    res = export_model(cfg, qt.calibrated("tensorrt"), out=tmp_path / "m.onnx", img_size=qt.IMG,
+                       dynamic=True, fp16=True)
+    assert res["fp16"] and res["quantized"] and is_fp16_graph(res["path"])
+    assert res["info"]["has_qdq"] and res["info"]["opset"] == 19
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no leftovers
+    assert default_output("w/best.pt", "tensorrt", 640, fp16=True).name == \
+        "best_int8_tensorrt_640_fp16.onnx"
