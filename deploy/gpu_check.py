@@ -10,13 +10,15 @@ tensor; engines built and cached (deploy/trt.cached_engine) in --work-dir. mAP: 
 FP32 float ONNX and the QDQ ONNX; TensorRT the FP16 and INT8 engines; same loader, same
 post-processing (yolo_q.eval.evaluate). With random weights mAP is ~0 and only the TRT-vs-ORT
 agreement means something; pass official checkpoints for real numbers. Needs TensorRT >= 10.8
-and a CUDA GPU: without them it stops with one line (exit 2). Budget: under 8 minutes on one
+and a CUDA GPU: without them it stops with one line (exit 2). Data: datasets/coco128.yaml
+(set YOLOQ_DATA_ROOT to the folder that holds coco128/ when it is not at ../shared/datasets). Budget: under 8 minutes on one
 H100 (engine builds dominate; the timing cache in --work-dir makes reruns faster).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,7 +71,13 @@ def _map(backend, cfg, args):
     return res["map50_95"], res["map50"]
 
 
+def _default_images() -> str:
+    root = os.environ.get("YOLOQ_DATA_ROOT") or str(REPO.parent / "shared" / "datasets")
+    return str(Path(root) / "coco128" / "images" / "train2017")
+
+
 def run(args) -> int:
+    args.images = args.images or _default_images()
     dtrt = _load_trt_module()
     try:
         trt = dtrt.require_tensorrt()
@@ -119,8 +127,8 @@ def get_args_parser():
     p.add_argument("--weights-n", default=None, help="YOLOv6-N checkpoint (default: random)")
     p.add_argument("--weights-s", default=None, help="YOLOv6-S checkpoint (default: random)")
     p.add_argument("--data", default=str(REPO / "datasets" / "coco128.yaml"))
-    p.add_argument("--images", default=str(REPO.parent / "shared" / "datasets" / "coco128"),
-                   help="calibration images (folder/glob/list)")
+    p.add_argument("--images", default=None, help="calibration images (folder/glob/list; "
+                   "default: the COCO128 images, $YOLOQ_DATA_ROOT/coco128/images/train2017)")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--calib-num", type=int, default=64)
     p.add_argument("--max-images", type=int, default=128)
