@@ -187,3 +187,9 @@ print("BAD", len(wrong), *wrong, sep="\\n")
         assert old.startswith("OLD\n0"), old
     assert "Builder(<2 positional>): no signature fits" in bad
     assert "stored as 'net'" in bad and "INetworkDefinition" in bad
+
+
+def test_unfetchable_wheel_skips_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CACHE", tmp_path)
+    with pytest.raises(pytest.skip.Exception, match=r"cannot fetch tensorrt-cu12-bindings==0\.0\.1"):
+        _fetch("tensorrt-cu12-bindings==0.0.1")
