@@ -21,7 +21,12 @@ setup(
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "dev": ["pytest", "pytest-xdist", "hypothesis", "scipy", "onnx", "onnxruntime",
                 "onnxscript"],
-        # GPU machines only: TensorRT 10 Python API + CUDA (not installable on CPU-only hosts)
-        "trt": ["tensorrt>=10", "cuda-python"],
+        # GPU machines only (see deploy/README.md; a CUDA build of torch is needed as well).
+        # TensorRT 11 for a CUDA 13 driver (what `pip install tensorrt` resolves to):
+        "trt": ["tensorrt-cu13>=11,<12", "onnx", "onnxruntime"],
+        # TensorRT 11 for a CUDA 12 driver:
+        "trt-cu12": ["tensorrt-cu12>=11,<12", "onnx", "onnxruntime"],
+        # TensorRT 10.x (>= 10.8) for CUDA 12, like JetPack 6 deployments:
+        "trt10": ["tensorrt-cu12>=10.8,<11", "onnx", "onnxruntime"],
     },
 )

@@ -20,15 +20,15 @@ def get_args_parser():
     src.add_argument("--weights", help="torch checkpoint: float, PTQ/QAT (fake-quant) or official")
     src.add_argument("--onnx", help="ONNX file run by ONNX Runtime (FP32 or QDQ INT8)")
     src.add_argument("--trt", nargs="?", const="", metavar="ENGINE|ONNX",
-                     help="TensorRT: an engine, or an ONNX to build one from (FP16/INT8)")
+                     help="TensorRT: an engine, or an ONNX built into a strongly typed engine "
+                          "(float ONNX -> FP16, QDQ ONNX -> INT8 + FP16; see deploy/README.md)")
     p.add_argument("--data", default=None, help="data YAML (default: data.dataset of the config)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--imgsz", type=int, default=None, help="input size (default: data.img_size)")
     p.add_argument("--conf", type=float, default=None, help="confidence threshold (eval.conf_thres)")
     p.add_argument("--iou", type=float, default=None, help="NMS IoU threshold (eval.iou_thres)")
     p.add_argument("--max-det", type=int, default=None)
-    p.add_argument("--half", action="store_true", help="FP16 (torch on CUDA; TensorRT)")
-    p.add_argument("--int8", action="store_true", help="TensorRT: allow INT8 for a float ONNX")
+    p.add_argument("--half", action="store_true", help="FP16 torch model (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--per-class", action="store_true", help="print per-class AP")
@@ -42,8 +42,7 @@ def main(argv=None):
     cfg = config_from_args(args)
     if not (args.weights or args.onnx or args.trt):
         raise ValueError("--trt needs an engine or ONNX path here (e.g. --trt model_int8.onnx)")
-    backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads,
-                                            int8=True if args.int8 else None)
+    backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads)
     res = run_eval(cfg, backend, source, batch_size=args.batch, img_size=args.imgsz,
                    data=args.data, conf=args.conf, iou=args.iou, max_det=args.max_det,
                    half=args.half, save_json=args.save_json, save_dir=args.save_dir,

@@ -5,12 +5,15 @@
     python tools/export.py --weights runs/ptq/exp/ptq.pt --flavour float           # no Q/DQ
     python tools/export.py --weights best.pt --flavour onnxruntime --calib-images data/synthetic/images/train
     python tools/export.py --config configs/demo.yaml --weights best.pt --dynamic --end2end --out m.onnx
+    python tools/export.py --weights runs/ptq/exp/ptq.pt --dynamic --fp16     # TensorRT INT8+FP16 ONNX
 
 A float checkpoint exports as the fused (deploy-form) float graph. A quantized checkpoint (from
 tools/ptq.py or tools/qat.py) exports as QDQ ONNX of the flavour it was quantized for; layers it
 kept float have no Q/DQ. A QDQ flavour for a float checkpoint needs --calib-images (a quick
 max-calibration PTQ on those images; tools/ptq.py does the real thing). --end2end appends NMS
-(ONNX NonMaxSuppression; EfficientNMS_TRT for --flavour tensorrt, TensorRT only).
+(ONNX NonMaxSuppression, which TensorRT maps to its NMS layer; --nms efficient_nms for the
+deprecated EfficientNMS_TRT plugin). --fp16 writes FP16 for every tensor that is not INT8: the
+ONNX a strongly typed TensorRT build needs for FP16 (float checkpoint) or INT8+FP16 (QDQ).
 """
 import argparse
 
@@ -36,8 +39,11 @@ def get_args_parser():
                    help="run onnxslim/onnxsim when installed (float: default export.simplify)")
     p.add_argument("--end2end", action="store_true", default=None,
                    help="append NMS (outputs num_dets, det_boxes, det_scores, det_classes)")
-    p.add_argument("--nms", choices=("onnxruntime", "tensorrt"), default=None,
-                   help="end-to-end NMS kind (default: tensorrt for --flavour tensorrt)")
+    p.add_argument("--nms", choices=("onnx", "efficient_nms", "onnxruntime", "tensorrt"),
+                   default=None, help="end-to-end NMS: onnx (NonMaxSuppression, default; "
+                   "alias onnxruntime) or efficient_nms (EfficientNMS_TRT plugin; alias tensorrt)")
+    p.add_argument("--fp16", action="store_true",
+                   help="FP16 for every non-INT8 tensor (for strongly typed TensorRT builds)")
     p.add_argument("--calib-images", default=None, metavar="DIR|GLOB|LIST",
                    help="float checkpoint + QDQ flavour: quick PTQ calibrated on these images")
     p.add_argument("--calib-num", type=int, default=64, help="images used by --calib-images")
@@ -56,7 +62,8 @@ def main(argv=None):
                            img_size=args.imgsz, batch=args.batch, dynamic=args.dynamic,
                            opset=args.opset, simplify=args.simplify, end2end=args.end2end,
                            nms=args.nms, calib_images=args.calib_images,
-                           calib_num=args.calib_num, calib_method=args.calib_method)
+                           calib_num=args.calib_num, calib_method=args.calib_method,
+                           fp16=args.fp16)
     except QDQExportError as e:
         raise ExportError(str(e)) from e
     info = res["info"]

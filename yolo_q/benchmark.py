@@ -313,6 +313,8 @@ def _ort_runner(bench: "_Bench", path):
 
 
 def _trt_runner(**kwargs):
+    """Float ONNX -> FP16 engine, QDQ ONNX -> INT8 + FP16 engine (strongly typed; the precision
+    comes from the ONNX, see ``deploy/README.md``)."""
     def runner(bench: "_Bench", path):
         engine = TrtBackend(path, fp16=True, max_batch=bench.max_batch, **kwargs)
 
@@ -333,7 +335,8 @@ RUNTIMES: Dict[str, Runtime] = {
                                  _ort_runner),
     "ort_quantize_static": Runtime("ORT INT8 quantize_static (reference)", "ort_quantize_static",
                                    _ort_runner),
-    "trt_fp16": Runtime("TensorRT FP16", "ort_fp32", _trt_runner(), needs_tensorrt=True),
+    "trt_fp16": Runtime("TensorRT FP16", "ort_fp32", _trt_runner(int8=False),
+                        needs_tensorrt=True),
     "trt_int8": Runtime("TensorRT INT8 (tensorrt flavour)", "ort_int8_tensorrt",
                         _trt_runner(int8=True), needs_tensorrt=True),
 }
@@ -353,6 +356,7 @@ class _Bench:
     work: Path
     log: Callable[[str], None]
     notes: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)  # row -> why it did not run
     eager: Any = None
     fused: Any = None
     source: str = ""
@@ -400,6 +404,7 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
             results = _time_rows(bench, prepares, batches, seed, warmup, iters, iters_large,
                                  graph_ops)
         return {"rows": results, "cpu": cpu_info(), "notes": bench.notes,
+                "skipped": dict(bench.skipped),
                 "settings": dict(model=str(bench.cfg.model.name), weights=bench.source,
                                  img_size=img_size, batches=list(batches), threads=threads,
                                  warmup=warmup, iters=iters, iters_large=iters_large,
@@ -499,16 +504,20 @@ def _graph_ops(onnx_files: Dict[str, Path]) -> Dict[str, Dict[str, int]]:
 def _runners(bench: _Bench) -> Dict[str, Callable]:
     """``row -> prepare(x_tensor, x_numpy) -> (fn, sync)`` for every row that can run here."""
     trt_why = _trt_available() if any(RUNTIMES[r].needs_tensorrt for r in bench.rows) else None
-    if trt_why:
-        bench.notes.append(f"TensorRT rows skipped: {trt_why}")
     out = {}
     for r in bench.rows:
         rt = RUNTIMES[r]
         if rt.needs_tensorrt and trt_why:
+            bench.skipped[r] = trt_why
             continue
         if rt.onnx is not None and rt.onnx not in bench.onnx_files:
             continue
-        out[r] = rt.runner(bench, bench.onnx_files.get(rt.onnx))
+        try:
+            out[r] = rt.runner(bench, bench.onnx_files.get(rt.onnx))
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot build is a skipped row
+            if not rt.needs_tensorrt:
+                raise
+            bench.skipped[r] = str(e).splitlines()[0] if str(e) else type(e).__name__
     return out
 
 
@@ -560,6 +569,8 @@ def format_speed_table(res: Dict[str, Any]) -> str:
         sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
         lines.append(f"{r['label']:<40}{r['batch']:>6}{r['median_ms']:>11.1f}{r['p90_ms']:>9.1f}"
                      f"{r['img_per_s']:>9.2f}{sp:>13}")
+    for r, why in res.get("skipped", {}).items():
+        lines.append(f"{ROW_LABELS[r]:<40} skipped: {why}")
     for r in res["rows"]:
         if r.get("ort_graph_ops") and r["batch"] == res["rows"][0]["batch"]:
             ops = r["ort_graph_ops"]
@@ -578,4 +589,6 @@ def format_speed_markdown(res: Dict[str, Any]) -> str:
         sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
         lines.append(f"| {r['label']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
                      f"| {r['img_per_s']:.2f} | {sp} |")
+    for r, why in res.get("skipped", {}).items():
+        lines.append(f"| {ROW_LABELS[r]} | – | skipped: {why} | | | |")
     return "\n".join(lines)

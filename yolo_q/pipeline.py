@@ -404,8 +404,8 @@ class Pipeline:
             row = {"stage": stage, "runtime": runtime, "source": str(src)}
             try:
                 kw = {"threads": int(p.threads)} if backend == "onnxruntime" else {}
-                if backend == "tensorrt":
-                    kw = {"int8": runtime.endswith("INT8")}
+                if backend == "tensorrt":  # INT8 from the QDQ ONNX, FP16 for the rest
+                    kw = {"int8": runtime.endswith("INT8"), "fp16": True}
                 m = run_eval(cfg, backend, src, batch_size=int(p.eval_batch),
                              max_images=p.eval_images, verbose=False,
                              save_dir=str(out / f"{i:02d}_{_slug(stage)}_{_slug(runtime)}"), **kw)

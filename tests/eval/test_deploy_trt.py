@@ -3,6 +3,7 @@ driven through a stand-in ``tensorrt`` module that records the API calls."""
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ def test_missing_tensorrt_is_one_clear_line(tmp_path):
     with pytest.raises(RuntimeError) as e:
         dtrt.require_tensorrt()
     msg = str(e.value)
-    assert "\n" not in msg and "pip install tensorrt" in msg and "CUDA 12" in msg
+    assert "\n" not in msg and "pip install -e '.[trt]'" in msg and "CUDA 13" in msg
+    assert "tensorrt-cu12>=10.8,<11" in msg
     has_pkg = importlib.util.find_spec("tensorrt") is not None
     assert ("tensorrt Python package is not installed" in msg) == (not has_pkg)
     assert ("no CUDA GPU" in msg) == (not torch.cuda.is_available())
@@ -51,7 +53,7 @@ class _Rec:
 
 def fake_tensorrt(rec):
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0"
+    trt.__version__ = "10.8.0"
 
     class Logger:
         WARNING, INFO = "W", "I"
@@ -204,30 +206,119 @@ def test_onnx_has_qdq(onnx_files):
     assert dtrt.onnx_has_qdq(onnx_files["qdq"]) and not dtrt.onnx_has_qdq(onnx_files["float"])
 
 
-def test_build_qdq_engine_sets_int8_fp16_profile_cache(fake_trt, onnx_files, tmp_path):
+def test_build_is_strongly_typed_with_profile_and_cache(fake_trt, onnx_files, tmp_path):
     cache = tmp_path / "t.cache"
     cache.write_bytes(b"OLD")
     out = dtrt.build_engine(onnx_files["qdq"], tmp_path / "q.engine", workspace_gb=2,
-                            max_batch=16, timing_cache=cache)
+                            max_batch=16, timing_cache=cache, require_int8=True)
     assert out.read_bytes() == b"ENGINE"
     cfg = fake_trt.config
-    assert cfg.flags == {"fp16", "int8"}  # Q/DQ found -> explicit INT8, FP16 for the rest
+    assert cfg.flags == set()  # no precision flags: the ONNX types decide
+    assert fake_trt.network.flags == 1 << 5  # STRONGLY_TYPED
     assert cfg.pool == {"workspace": 2 << 30}
     assert cfg.profiles[0].shapes == {"images": ((1, 3, 32, 32), (8, 3, 32, 32),
                                                  (16, 3, 32, 32))}
     assert fake_trt.cache_in == b"OLD" and cache.read_bytes() == b"OLD+new"
-    assert fake_trt.network.flags == 0
     assert ("plugins", "") in fake_trt.calls
 
 
-def test_build_float_engine_and_options(fake_trt, onnx_files, tmp_path):
+def test_build_float_engine_and_errors(fake_trt, onnx_files, tmp_path, capsys):
     e = dtrt.build_engine(onnx_files["float"], tmp_path / "f.engine")
-    assert fake_trt.config.flags == {"fp16"} and fake_trt.config.profiles == []  # static batch
-    assert (tmp_path / "f.timing.cache").read_bytes() == b"+new" and e.is_file()
+    assert fake_trt.config.profiles == [] and e.is_file()  # static batch: no profile
+    assert (tmp_path / "f.timing.cache").read_bytes() == b"+new"
+    assert "run in FP32" in capsys.readouterr().err  # an FP32 ONNX gives an FP32 engine
     with pytest.raises(ValueError, match="no Q/DQ nodes"):
-        dtrt.build_engine(onnx_files["float"], tmp_path / "f.engine", int8=True)
-    dtrt.build_engine(onnx_files["qdq"], tmp_path / "s.engine", strongly_typed=True)
-    assert fake_trt.config.flags == set() and fake_trt.network.flags == 1 << 5
+        dtrt.build_engine(onnx_files["float"], tmp_path / "f.engine", require_int8=True)
     fake_trt.fake_parse_errors = ["In node 3: unsupported op Foo"]
     with pytest.raises(RuntimeError, match="could not parse the ONNX model: In node 3"):
         dtrt.build_engine(onnx_files["float"], tmp_path / "x.engine")
+
+
+def test_old_tensorrt_is_refused(fake_trt, monkeypatch):
+    monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "10.7.0")
+    with pytest.raises(RuntimeError, match="10.8 or newer"):
+        dtrt.require_tensorrt()
+
+
+def test_engine_cache_key_changes_with_each_part(onnx_files, tmp_path):
+    base = dict(options={"max_batch": 32}, trt_version="11.4.0.106", gpu_name="NVIDIA H100")
+    key = dtrt.engine_cache_key(onnx_files["qdq"], **base)
+    assert key == dtrt.engine_cache_key(onnx_files["qdq"], **base)
+    copy = tmp_path / "same.onnx"
+    copy.write_bytes(onnx_files["qdq"].read_bytes())  # content, not path or mtime
+    assert dtrt.engine_cache_key(copy, **base) == key
+    changed = [dtrt.engine_cache_key(onnx_files["float"], **base),
+               dtrt.engine_cache_key(onnx_files["qdq"], **{**base, "options": {"max_batch": 8}}),
+               dtrt.engine_cache_key(onnx_files["qdq"], **{**base, "trt_version": "10.16.1.11"}),
+               dtrt.engine_cache_key(onnx_files["qdq"], **{**base, "gpu_name": "NVIDIA A100"})]
+    assert len({key, *changed}) == 5
+
+
+def test_cached_engine_reuses_only_matching_builds(fake_trt, onnx_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
+    entered = []
+
+    class Dev:
+        def __init__(self, d):
+            entered.append(str(d))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+    monkeypatch.setattr(torch.cuda, "device", Dev)
+    a = dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=8)
+    assert entered == ["cuda:0"] and a.is_file() and a.with_suffix(".json").is_file()
+    assert dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=8) == a
+    assert entered == ["cuda:0"]  # reused, not rebuilt
+    b = dtrt.cached_engine(onnx_files["qdq"], cache_dir=tmp_path, max_batch=16)
+    assert b != a and len(entered) == 2
+
+
+@pytest.fixture
+def fake_deploy(monkeypatch):
+    """deploy/trt.py with the GPU parts replaced: records what TrtBackend asks to build."""
+    built = []
+
+    def cached_engine(onnx_path, **kw):
+        built.append((Path(onnx_path), kw))
+        return Path(onnx_path).with_suffix(".engine")
+
+    class Runner:
+        def __init__(self, engine_path, device=None):
+            self.engine_path, self.device = engine_path, torch.device("cpu")
+            self.input_hw, self.fixed_batch, self.max_batch = (32, 32), None, 2
+            self.output_names = ["outputs"]
+            self.batches = []
+
+        def __call__(self, x):
+            self.batches.append(x.shape[0])
+            return {"outputs": x.mean((1, 2, 3))[:, None, None].expand(-1, 4, 8).half()}
+    monkeypatch.setattr(dtrt, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(dtrt, "cached_engine", cached_engine)
+    monkeypatch.setattr(dtrt, "TrtRunner", Runner)
+    return built
+
+
+def test_trt_backend_builds_from_the_fp16_rewrite(fake_deploy, onnx_files, tmp_path):
+    from yolo_q.export.fp16 import is_fp16_graph
+    be = TrtBackend(onnx_files["float"], cache_dir=tmp_path, max_batch=2)
+    src, kw = fake_deploy[-1]
+    assert src == tmp_path / "float_fp16.onnx" and is_fp16_graph(src)  # FP16 engine
+    assert kw["require_int8"] is False and kw["max_batch"] == 2 and kw["cache_dir"] == tmp_path
+    x = torch.rand(5, 3, 32, 32)
+    y = be(x)  # batches beyond the profile's max are split; same raw output as other backends
+    assert be.runner.batches == [2, 2, 1] and y.dtype == torch.float32
+    assert torch.allclose(y[:, 0, 0], x.mean((1, 2, 3)), atol=1e-3)
+    TrtBackend(onnx_files["qdq"], cache_dir=tmp_path, int8=True)
+    src, kw = fake_deploy[-1]
+    assert src.name == "qdq_fp16.onnx" and kw["require_int8"] is True
+    assert dtrt.onnx_precision(src) == {"int8": True, "fp16": True, "fp32_compute": False}
+    TrtBackend(src, cache_dir=tmp_path)  # already FP16: built as it is
+    assert fake_deploy[-1][0] == src
+    TrtBackend(onnx_files["float"], fp16=False, cache_dir=tmp_path)  # FP32 as asked
+    assert fake_deploy[-1][0] == onnx_files["float"]
+    with pytest.raises(ValueError, match="int8=False but the ONNX is a QDQ"):
+        TrtBackend(onnx_files["qdq"], int8=False, cache_dir=tmp_path)

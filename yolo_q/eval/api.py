@@ -29,15 +29,15 @@ def val_loader_for(cfg, batch_size: int, img_size: Optional[int] = None, data: O
     return val_ds, loader, info
 
 
-def backend_from_args(weights=None, onnx=None, trt=None, threads: Optional[int] = None,
-                      int8: Optional[bool] = None):
+def backend_from_args(weights=None, onnx=None, trt=None, threads: Optional[int] = None):
     """``(backend, source, kwargs)`` from the tools' mutually exclusive ``--weights`` /
-    ``--onnx`` / ``--trt`` options (TensorRT: FP16, INT8 when asked or when the ONNX has Q/DQ)."""
+    ``--onnx`` / ``--trt`` options (TensorRT from an ONNX: FP16 for every non-INT8 tensor;
+    INT8 where the ONNX has Q/DQ)."""
     if weights:
         return "torch", weights, {}
     if onnx:
         return "onnxruntime", onnx, {"threads": threads}
-    return "tensorrt", trt, {"fp16": True, "int8": int8}
+    return "tensorrt", trt, {"fp16": True}
 
 
 def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,

@@ -228,33 +228,36 @@ def load_deploy_trt():
 
 
 class TrtBackend(Backend):
-    """TensorRT engine (``.engine``/``.plan``) or an ONNX file that is built into one first
-    (``<onnx stem>.engine`` next to it, rebuilt when missing or older than the ONNX, or when
-    ``rebuild``). Build options: ``fp16``, ``int8`` (None: on when the ONNX has Q/DQ nodes),
-    ``workspace_gb``, ``max_batch`` (dynamic-batch profile), ``timing_cache``.
-    Without tensorrt or CUDA this raises RuntimeError with a one-line explanation."""
+    """TensorRT engine (``.engine``/``.plan``) or an ONNX file built into one first.
+
+    From an ONNX, the strongly typed engine computes in the ONNX's types: with ``fp16=True``
+    (default) the ONNX is first rewritten to FP16 for every non-INT8 tensor
+    (:func:`yolo_q.export.fp16.write_fp16`, ``<stem>_fp16.onnx`` in ``cache_dir``; skipped for
+    a graph that is FP16 already), so a float ONNX gives an FP16 engine and a QDQ ONNX an
+    INT8 + FP16 engine; ``fp16=False`` builds the ONNX as it is (FP32 / INT8 + FP32).
+    ``int8=True`` requires Q/DQ nodes (INT8 comes only from a QDQ export), ``False`` forbids
+    them, ``None`` takes the graph as it is. Engines are cached in ``cache_dir`` (default: next
+    to the ONNX) under a key of the ONNX content, the build options, the TensorRT version and
+    the GPU name (:func:`deploy.trt.cached_engine`). Without tensorrt or CUDA this raises
+    ``TensorRTUnavailable`` (a RuntimeError) with a one-line explanation."""
 
     kind = "tensorrt"
 
     def __init__(self, engine_or_onnx: PathLike, fp16: bool = True, int8: Optional[bool] = None,
-                 workspace_gb: float = 4.0, max_batch: int = 32,
-                 timing_cache: Optional[PathLike] = None, device=None, rebuild: bool = False,
-                 verbose: bool = False):
+                 workspace_gb: float = 4.0, max_batch: int = 32, cache_dir: Optional[PathLike] = None,
+                 device=None, rebuild: bool = False, verbose: bool = False):
         trt_mod = load_deploy_trt()
         trt_mod.require_tensorrt()  # one-line RuntimeError when tensorrt/CUDA is missing
         src = Path(engine_or_onnx)
         if not src.is_file():
             raise FileNotFoundError(f"{src}: TensorRT engine or ONNX file not found")
         if src.suffix.lower() == ".onnx":
-            engine = src.with_suffix(".engine")
-            if rebuild or not engine.is_file() or engine.stat().st_mtime < src.stat().st_mtime:
-                trt_mod.build_engine(src, engine, fp16=fp16, int8=int8,
-                                     workspace_gb=workspace_gb, max_batch=max_batch,
-                                     timing_cache=timing_cache, verbose=verbose)
+            engine_path = self._engine_for_onnx(trt_mod, src, fp16, int8, workspace_gb,
+                                                max_batch, cache_dir, device, rebuild, verbose)
         else:
-            engine = src
-        self.path = engine
-        self.runner = trt_mod.TrtRunner(engine, device=device)
+            engine_path = src
+        self.path = engine_path
+        self.runner = trt_mod.TrtRunner(engine_path, device=device)
         self.device = self.runner.device
         self.input_hw = self.runner.input_hw
         self.fixed_batch = self.runner.fixed_batch
@@ -262,6 +265,26 @@ class TrtBackend(Backend):
         self.end2end = set(E2E_OUTPUTS) <= set(self.runner.output_names)
         self._out = "outputs" if "outputs" in self.runner.output_names else \
             self.runner.output_names[0]
+
+    @staticmethod
+    def _engine_for_onnx(trt_mod, src: Path, fp16, int8, workspace_gb, max_batch, cache_dir,
+                         device, rebuild, verbose) -> Path:
+        from ..export.fp16 import is_fp16_graph, write_fp16
+        has_qdq = trt_mod.onnx_has_qdq(src)
+        if int8 is False and has_qdq:
+            raise ValueError(f"{src}: int8=False but the ONNX is a QDQ (INT8) graph; use the "
+                             f"float export for an FP16/FP32 engine")
+        onnx_path = src
+        if fp16 and not is_fp16_graph(src):
+            out_dir = Path(cache_dir) if cache_dir else src.parent
+            onnx_path = out_dir / f"{src.stem}_fp16.onnx"
+            if rebuild or not onnx_path.is_file() or \
+                    onnx_path.stat().st_mtime < src.stat().st_mtime:
+                write_fp16(src, onnx_path)
+        return trt_mod.cached_engine(onnx_path, cache_dir=cache_dir, device=device,
+                                     rebuild=rebuild, verbose=verbose,
+                                     workspace_gb=float(workspace_gb), max_batch=int(max_batch),
+                                     require_int8=bool(int8))
 
     def _run(self, x: torch.Tensor):
         outs = self.runner(x)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
@@ -38,11 +39,11 @@ class ExportError(ValueError):
     """The requested export is not possible as asked; the message says what to do."""
 
 
-def default_output(weights, flavour: str, img_size: int) -> Path:
-    """``<weights dir>/<stem>[_int8_<flavour>]_<imgsz>.onnx``."""
+def default_output(weights, flavour: str, img_size: int, fp16: bool = False) -> Path:
+    """``<weights dir>/<stem>[_int8_<flavour>]_<imgsz>[_fp16].onnx``."""
     w = Path(weights)
     tag = "" if flavour == "float" else f"_int8_{flavour}"
-    return w.with_name(f"{w.stem}{tag}_{img_size}.onnx")
+    return w.with_name(f"{w.stem}{tag}_{img_size}{'_fp16' if fp16 else ''}.onnx")
 
 
 def quick_ptq(model_fused: torch.nn.Module, cfg, flavour: str, batches: Iterable,
@@ -68,11 +69,14 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
                  opset: Optional[int] = None, simplify: Optional[bool] = None,
                  end2end: Optional[bool] = None, nms: Optional[str] = None,
                  calib_images=None, calib_num: int = 64, calib_method: str = "max",
-                 calib_batch: int = 8) -> Dict[str, Any]:
+                 calib_batch: int = 8, fp16: bool = False) -> Dict[str, Any]:
     """Export ``weights`` (checkpoint path, or a model) to ONNX; see the module docstring.
     ``None`` arguments come from ``cfg.export`` / ``cfg.data.img_size`` (``simplify``: QDQ graphs
     only when asked explicitly). ``nms``: end-to-end
-    NMS kind (default ``tensorrt`` for the tensorrt flavour, else ``onnxruntime``).
+    NMS kind: ``onnx`` (ONNX NonMaxSuppression; runs in ONNX Runtime and TensorRT, default) or
+    ``efficient_nms`` (the deprecated EfficientNMS_TRT plugin, TensorRT only). ``fp16``: write
+    FP16 for every tensor that is not INT8 (:func:`yolo_q.export.fp16.convert_fp16`), for a
+    strongly typed TensorRT build.
     Returns ``{"path", "flavour", "quantized", "calibrated_here", "info"}`` (``info``:
     :func:`yolo_q.export.onnx_info`)."""
 
@@ -94,9 +98,9 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
     simplify_arg = simplify
     simplify = bool(e.simplify if simplify is None else simplify)
     end2end = bool(e.end2end if end2end is None else end2end)
-    nms = nms or ("tensorrt" if flavour == "tensorrt" else "onnxruntime")
+    nms = nms or "onnx"
     out = Path(out) if out else default_output(src if src != "model" else "model.pt", flavour,
-                                               img_size)
+                                               img_size, fp16)
     e2e = dict(end2end=end2end, nms=nms, conf_thres=float(e.conf_thres),
                iou_thres=float(e.iou_thres), max_det=int(e.max_det))
     meta = {"source": Path(src).name, "flavour": flavour}
@@ -134,6 +138,14 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
         export_qdq(model, out, flavour=flavour, img_size=img_size, batch=batch, opset=opset,
                    dynamic_batch=dynamic, simplify=bool(simplify_arg), metadata=meta,
                    ort_weights=str(e.ort_weights), **e2e)
+    if fp16:
+        from .fp16 import write_fp16
+        tmp = out.with_name(out.stem + ".fp32.tmp.onnx")
+        os.replace(out, tmp)
+        try:
+            write_fp16(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     info = onnx_info(out)
     return {"path": str(out), "flavour": flavour, "quantized": flavour != "float",
-            "calibrated_here": calibrated_here, "info": info}
+            "calibrated_here": calibrated_here, "fp16": fp16, "info": info}

@@ -5,9 +5,10 @@ The exported graph has one input ``images`` (B, 3, H, W) float in [0, 1] and one
 exporter (``dynamo=False``) also turns ``torch.fake_quantize_*`` into
 QuantizeLinear/DequantizeLinear pairs, so a fake-quant model exports to a QDQ graph.
 
-``end2end=True`` appends NMS: ``nms="onnxruntime"`` builds it from standard ONNX ops
-(NonMaxSuppression, runs anywhere), ``nms="tensorrt"`` appends the EfficientNMS_TRT plugin node
-(TensorRT only). Both give ``num_dets (B,1) int32``, ``det_boxes (B,K,4)`` x1y1x2y2,
+``end2end=True`` appends NMS: ``nms="onnx"`` (default; aliases ``onnxruntime``, ``ort``) builds
+it from standard ONNX ops (NonMaxSuppression, which TensorRT's ONNX parser maps to its NMS layer;
+runs in ONNX Runtime and TensorRT), ``nms="efficient_nms"`` (aliases ``tensorrt``, ``trt``)
+appends the deprecated EfficientNMS_TRT plugin node (TensorRT only; kept as an option). Both give ``num_dets (B,1) int32``, ``det_boxes (B,K,4)`` x1y1x2y2,
 ``det_scores (B,K)``, ``det_classes (B,K) int32``; rows past ``num_dets`` are zeros.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ __all__ = ["E2E_OUTPUTS", "export_onnx", "add_nms_onnxruntime", "add_nms_tensorr
 
 E2E_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 INPUT_NAME, OUTPUT_NAME = "images", "outputs"
+NMS_KINDS = ("onnx", "efficient_nms")
+NMS_ALIASES = {"onnxruntime": "onnx", "ort": "onnx", "tensorrt": "efficient_nms",
+               "trt": "efficient_nms", "EfficientNMS_TRT": "efficient_nms"}
 PathLike = Union[str, os.PathLike]
 
 
@@ -48,7 +52,7 @@ def _hw(img_size) -> Tuple[int, int]:
 
 def export_onnx(model: torch.nn.Module, path: PathLike, img_size=640, batch: int = 1,
                 opset: int = 13, dynamic_batch: bool = False, simplify: bool = True,
-                end2end: bool = False, nms: str = "onnxruntime", conf_thres: float = 0.25,
+                end2end: bool = False, nms: str = "onnx", conf_thres: float = 0.25,
                 iou_thres: float = 0.45, max_det: int = 100, fuse: bool = False,
                 constant_folding: bool = True, metadata: Optional[Dict[str, str]] = None) -> Path:
     """Export ``model`` (eval-mode output ``(B, N, 5+nc)``) to ONNX at ``path``; returns the path.
@@ -70,9 +74,9 @@ def export_onnx(model: torch.nn.Module, path: PathLike, img_size=640, batch: int
         raise ValueError(f"export batch must be >= 1, got {batch}")
     if end2end and opset < 11:
         raise ValueError(f"end2end NMS needs opset >= 11, got {opset}")
-    nms = {"ort": "onnxruntime", "trt": "tensorrt"}.get(nms, nms)
-    if end2end and nms not in ("onnxruntime", "tensorrt"):
-        raise ValueError(f"nms must be 'onnxruntime' or 'tensorrt', got {nms!r}")
+    nms = NMS_ALIASES.get(nms, nms)
+    if end2end and nms not in ("onnx", "efficient_nms"):
+        raise ValueError(f"nms must be 'onnx' or 'efficient_nms', got {nms!r}")
     if fuse:
         model = copy.deepcopy(model)
         model.fuse()
@@ -105,7 +109,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, img_size=640, batch: int
     if end2end:
         kw = dict(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
                   raw_shape=tuple(y.shape[1:]))
-        proto = (add_nms_onnxruntime(proto, **kw) if nms == "onnxruntime"
+        proto = (add_nms_onnxruntime(proto, **kw) if nms == "onnx"
                  else add_nms_tensorrt(proto, **kw))
     meta = {"producer": "yolo_q", "stride": str(stride), "nc": str(int(y.shape[-1]) - 5),
             "img_size": f"{h},{w}", "batch": "dynamic" if dynamic_batch else str(batch),
@@ -116,7 +120,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, img_size=640, batch: int
     existing = {m.key: m for m in proto.metadata_props}
     for k, v in meta.items():
         (existing[k] if k in existing else proto.metadata_props.add(key=k)).value = v
-    if not (end2end and nms == "tensorrt"):  # the plugin op has no ONNX schema
+    if not (end2end and nms == "efficient_nms"):  # the plugin op has no ONNX schema
         onnx.checker.check_model(proto)
     path = Path(path)
     with atomic_path(path) as tmp:
