@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ..export.fp16 import is_fp16_graph, write_fp16
 from ..export.qdq import resolve_ort_weights
 from ..quant.load import load_model
 
@@ -269,7 +270,6 @@ class TrtBackend(Backend):
     @staticmethod
     def _engine_for_onnx(trt_mod, src: Path, fp16, int8, workspace_gb, max_batch, cache_dir,
                          device, rebuild, verbose) -> Path:
-        from ..export.fp16 import is_fp16_graph, write_fp16
         has_qdq = trt_mod.onnx_has_qdq(src)
         if int8 is False and has_qdq:
             raise ValueError(f"{src}: int8=False but the ONNX is a QDQ (INT8) graph; use the "

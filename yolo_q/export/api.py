@@ -26,6 +26,7 @@ from ..data.images import config_class_names, image_batches
 from ..io import flush_denormal
 from ..quant import is_quantized, load_model, quant_state, set_quant_enabled
 from ..quant.ptq import quantize_model
+from .fp16 import write_fp16
 from .onnx import export_onnx, onnx_info
 from .qdq import export_qdq
 
@@ -139,7 +140,6 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
                    dynamic_batch=dynamic, simplify=bool(simplify_arg), metadata=meta,
                    ort_weights=str(e.ort_weights), **e2e)
     if fp16:
-        from .fp16 import write_fp16
         tmp = out.with_name(out.stem + ".fp32.tmp.onnx")
         os.replace(out, tmp)
         try:
