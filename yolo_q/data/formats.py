@@ -220,6 +220,24 @@ def read_coco_ids(path: PathLike, nc: Optional[int] = None, where: Optional[str]
     return _check_coco_ids([pairs[k] for k in range(len(pairs))], nc, where)
 
 
+def check_model_nc(model: Any, data_nc: Optional[int], model_src: Any, data_src: Any) -> None:
+    """The one check that a model predicts the dataset's classes, used by every entry point that
+    puts a model on a dataset (eval on every backend, PTQ, QAT, export).
+
+    ``model``: a class count, or anything with ``nc`` (a model, an eval backend: an ONNX / TensorRT
+    graph's output channels - 5) or ``detect.nc``; None / unknown counts are not checked (e.g.
+    end-to-end NMS graphs). Raises :class:`DataError` naming both sources and both counts."""
+    nc = model if isinstance(model, int) and not isinstance(model, bool) else \
+        getattr(model, "nc", None)
+    if nc is None:
+        nc = getattr(getattr(model, "detect", None), "nc", None)
+    if nc is None or data_nc is None or int(nc) == int(data_nc):
+        return
+    raise DataError(f"{model_src} predicts {int(nc)} classes but the dataset {data_src} has "
+                    f"nc={int(data_nc)}: use the data YAML the model was trained on (data.dataset "
+                    f"/ --data), or train/fine-tune the model for these {int(data_nc)} classes")
+
+
 # --------------------------------------------------------------------------------------------
 # image lists and label paths
 # --------------------------------------------------------------------------------------------

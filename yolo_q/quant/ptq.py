@@ -284,7 +284,7 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
     import json
 
     from ..config import config_to_dict, save_config
-    from ..data import build_dataloader, build_datasets_from_config
+    from ..data import build_dataloader, build_datasets_from_config, check_model_nc
     from ..engine.checkpoint import load_model, save_checkpoint
     from ..engine.trainer import flush_denormal
     from . import partial as partial_mod
@@ -312,8 +312,9 @@ def run_ptq(cfg, float_weights, calib: Optional[str] = None, per_tensor_weights:
                              f"weights")
         if not getattr(float_model, "is_fused", True):
             float_model.fuse()
+        _, val_ds, info = build_datasets_from_config(cfg, splits=("val",), verbose=False)
+        check_model_nc(float_model, val_ds.nc, float_weights, info["yaml_file"])  # before calib
         batches = calibration_batches(cfg)
-        _, val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
         val_loader = build_dataloader(val_ds, int(cfg.eval.batch_size), shuffle=False,
                                       workers=min(int(cfg.data.workers), 2),
                                       seed=int(cfg.train.seed), persistent_workers=False)

@@ -337,7 +337,7 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
 def _train_qat(cfg, student_ck, teacher_ck, weights, resume, resume_ck, rank, world, extra_hooks,
                evaluate_start, integer_check, ort_check, verbose) -> Dict[str, Any]:
     from ..config import save_config
-    from ..data import build_dataloader, build_datasets_from_config
+    from ..data import build_dataloader, build_datasets_from_config, check_model_nc
     from ..engine.distributed import resolve_device
     from ..engine.hooks import default_hooks
     from ..engine.rundir import make_run_dir
@@ -349,6 +349,8 @@ def _train_qat(cfg, student_ck, teacher_ck, weights, resume, resume_ck, rank, wo
     distill, qat = cfg.quant.distill, cfg.quant.qat
     base_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     train_ds, val_ds, info = build_datasets_from_config(cfg, verbose=verbose and rank == 0)
+    student_nc = ((student_ck.get("config") or {}).get("model") or {}).get("nc")
+    check_model_nc(student_nc, info["nc"], student_ck["source"], info["yaml_file"])
     sync_nc_with_data(base_cfg, info)
     qcfg = qat_train_config(base_cfg)
     t = qcfg.train
