@@ -55,15 +55,11 @@ def quick_ptq(model_fused: torch.nn.Module, cfg, flavour: str, batches: Iterable
     """Convert a FUSED float model for ``flavour`` (other options from ``cfg.quant``) and
     calibrate it on ``batches`` (uint8 or float image tensors). Returns the fake-quant model."""
     from ..quant import calibrate, convert
+    from ..engine.trainer import flush_denormal  # restores the previous mode (FTZ leaked before)
     q = convert(model_fused, cfg, flavour=flavour)
-    with torch.no_grad():
-        prev = torch.set_flush_denormal(True)
-        try:
-            calibrate(q, batches, method=method, num_batches=num_batches, progress=progress,
-                      strict=False)
-        finally:
-            if not prev:
-                torch.set_flush_denormal(False)
+    with torch.no_grad(), flush_denormal():
+        calibrate(q, batches, method=method, num_batches=num_batches, progress=progress,
+                  strict=False)
     return q
 
 
