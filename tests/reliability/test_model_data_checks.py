@@ -60,6 +60,17 @@ def test_config_rejects_img_size_not_a_stride_multiple(size):
     assert load_config(None, ["data.img_size=96"]).data.img_size == 96
 
 
+def test_train_api_rejects_img_size_before_the_run_dir(tmp_path):
+    from omegaconf import OmegaConf
+
+    from yolo_q.engine.train import train
+    cfg = load_config(None, [f"train.output_dir={tmp_path / 'runs'}"])
+    cfg.data.img_size = 50  # set after validation (an API caller, not a YAML)
+    with pytest.raises(ConfigError, match="invalid value 50 for 'data.img_size'"):
+        train(OmegaConf.create(OmegaConf.to_container(cfg)), verbose=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_eval_entry_rejects_img_size_before_work(env, monkeypatch):
     import yolo_q.eval.api as api
     monkeypatch.setattr(api, "build_backend", lambda *a, **k: pytest.fail("model was loaded"))

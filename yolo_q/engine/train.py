@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from ..config import save_config
+from ..config import save_config, validate_values
 from ..data import build_dataloader, build_datasets_from_config
 from ..losses import DetectionLoss
 from ..models import build_model
@@ -71,6 +71,7 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # private copy
         OmegaConf.set_struct(cfg, True)
         t = cfg.train
+        validate_values(cfg, "training config")  # e.g. data.img_size vs stride, before the run dir
         run_dir = make_run_dir(t.output_dir, t.name, t.exist_ok, Path(resume) if resume else None)
         if rank == 0 and verbose:
             logger.info("run directory: %s", run_dir)

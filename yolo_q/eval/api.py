@@ -17,14 +17,19 @@ logger = logging.getLogger(__name__)
 def config_for(weights: Optional[str], config: Optional[str], overrides=()):
     """The run config: ``--config`` (+ overrides), else the one stored in a yolo_q checkpoint,
     else the defaults (+ overrides)."""
-    from ..config import apply_overrides, config_from_dict, load_config
+    from ..config import apply_overrides, config_from_dict, load_config, validate_values
+    from ..config.loader import validate_choices
     if config:
         return load_config(config, overrides)
     if weights and str(weights).endswith((".pt", ".pth")):
         from ..engine.checkpoint import read_checkpoint_any
         stored = read_checkpoint_any(weights).get("config")
         if stored:
-            return apply_overrides(config_from_dict(stored), overrides)
+            cfg = apply_overrides(config_from_dict(stored), overrides)
+            source = f"{weights} (stored config){' + command line' if overrides else ''}"
+            validate_choices(cfg, source)  # as load_config does for a YAML
+            validate_values(cfg, source)
+            return cfg
     return load_config(None, overrides)
 
 

@@ -295,7 +295,7 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
     All inputs are checked before anything is trained or written (:class:`QATError`).
     """
     from ..config import apply_overrides, config_from_dict
-    from ..config.loader import validate_choices
+    from ..config.loader import validate_choices, validate_values
     from ..engine.distributed import cleanup, init_distributed
     from ..engine.trainer import flush_denormal
 
@@ -319,6 +319,7 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
         cfg = config_from_dict(base)
     cfg = apply_overrides(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), overrides)
     validate_choices(cfg, "QAT config")
+    validate_values(cfg, "QAT config")
     if cfg.quant.distill.enabled and not teacher:
         raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
                        "or set quant.distill.enabled=false")
