@@ -7,6 +7,7 @@ from .loader import (SeededRandomSampler, build_dataloader, build_datasets_from_
                      set_epoch)
 from .transforms import letterbox, unletterbox_boxes
 
-__all__ = ["DataError", "DataNotFoundError", "DetectionDataset", "check_model_nc", "SeededRandomSampler",
+__all__ = ["DataError", "DataNotFoundError", "DetectionDataset", "check_model_nc",
+           "SeededRandomSampler",
            "build_dataloader", "build_datasets_from_config", "collate_fn", "img2label_path",
            "letterbox", "load_data_yaml", "set_epoch", "to_coco_dict", "unletterbox_boxes"]

@@ -498,8 +498,9 @@ def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None
     for i, a in enumerate(entries("annotations", ("image_id",))):
         cid = _category_id(a.get("category_id"))
         if cid is not None and cid not in first:
+            more = "..." if len(first) > 8 else ""
             raise DataError(f"{json_file}: annotations[{i}].category_id {cid} is not in "
-                            f"'categories' (ids {sorted(first)[:8]}{'...' if len(first) > 8 else ''})")
+                            f"'categories' (ids {sorted(first)[:8]}{more})")
         anns.setdefault(ident(a["image_id"], f"annotations[{i}].image_id"), []).append(a)
     return {"images": images, "anns": anns, "cat_to_cls": cat_to_cls, "names": names}
 
