@@ -301,6 +301,7 @@ class TrtRunner:
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
         self.out_dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n))
                            for n in self.output_names}
+        self.output_shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in self.output_names}
         self.input_hw = (int(shape[2]), int(shape[3])) if len(shape) == 4 else None
         if shape[0] >= 0:
             self.fixed_batch = self.min_batch = self.max_batch = int(shape[0])

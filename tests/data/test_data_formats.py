@@ -181,7 +181,7 @@ def test_coco_json_edge_cases(tmp_path):
          "annotations": [
              {"id": 1, "image_id": 11, "category_id": 7, "bbox": [8, 4, 16, 8], "iscrowd": 0},
              {"id": 2, "image_id": 11, "category_id": 3, "bbox": [0, 0, 80, 40], "iscrowd": 1},
-             {"id": 3, "image_id": 11, "category_id": 99, "bbox": [8, 4, 16, 8], "iscrowd": 0},
+             {"id": 3, "image_id": 11, "category_id": "dog", "bbox": [8, 4, 16, 8], "iscrowd": 0},
              {"id": 4, "image_id": 11, "category_id": 3, "bbox": [70, 30, 12, 10], "iscrowd": 0},
              {"id": 5, "image_id": 11, "category_id": 3, "bbox": [8, 4, 0, 8], "iscrowd": 0},
              {"id": 6, "image_id": 12, "category_id": 3, "bbox": [40, 20, 80, 40]}]}

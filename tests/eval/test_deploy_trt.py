@@ -291,6 +291,7 @@ def fake_deploy(monkeypatch):
             self.engine_path, self.device = engine_path, torch.device("cpu")
             self.input_hw, self.fixed_batch, self.max_batch = (32, 32), None, 2
             self.output_names = ["outputs"]
+            self.output_shapes = {"outputs": (-1, 4, 8)}
             self.batches = []
 
         def __call__(self, x):

@@ -138,6 +138,134 @@ def test_coco_json_only_raises_data_error_naming_the_file(data, nc):
         assert len(issues) == dropped
 
 
+# ------------------------------------------------------------------ COCO JSON semantics
+# Well-formed JSON whose meaning is wrong: duplicate image ids / file names, categories that miss
+# classes, annotations of unlisted categories, non-numeric / negative / outside / duplicate
+# boxes, crowd regions. Through the real dataset and evaluator: a one-line DataError naming the
+# file, or every annotation kept or counted once — and perfect detections of the kept boxes
+# score exactly 1.0 (a dropped box never reaches the ground truth), never another exception.
+SEM_SIZES = {"a.jpg": (40, 80), "b.jpg": (60, 60), "c.jpg": (50, 100)}  # (h, w)
+_SEM_DIR = _DIR / "sem" / "images"
+
+
+def _sem_images() -> Path:
+    if not _SEM_DIR.is_dir():
+        import cv2
+        _SEM_DIR.mkdir(parents=True)
+        for name, (h, w) in SEM_SIZES.items():
+            cv2.imwrite(str(_SEM_DIR / name), np.full((h, w, 3), 100, np.uint8))
+    return _SEM_DIR
+
+
+@st.composite
+def coco_semantics(draw):
+    """(doc, coco_ids, nc): mostly consistent documents with bad boxes, plus one of the
+    document-level faults now and then."""
+    fault = draw(st.sampled_from([None] * 6 + ["dup_id", "dup_name", "dup_cat", "few_cats",
+                                                "coco_id_missing", "unlisted_cat"]))
+    files = draw(st.lists(st.sampled_from(sorted(SEM_SIZES) + ["gone.jpg"]), min_size=1,
+                          max_size=4, unique=True))
+    ids = draw(st.lists(st.integers(1, 9), min_size=len(files), max_size=len(files), unique=True))
+    if fault == "dup_id" and len(ids) > 1:
+        ids[-1] = ids[0]
+    if fault == "dup_name" and len(files) > 1:
+        files[-1] = files[0]
+    images = [{"id": i, "file_name": f, "height": SEM_SIZES.get(f, (30, 30))[0],
+               "width": SEM_SIZES.get(f, (30, 30))[1]} for f, i in zip(files, ids)]
+    cat_ids = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4, unique=True))
+    if fault == "dup_cat":
+        cat_ids.append(cat_ids[0])
+    anns = []
+    for k in range(draw(st.integers(0, 8))):
+        iid = draw(st.sampled_from(ids + [99]))
+        h, w = next(((im["height"], im["width"]) for im in images if im["id"] == iid), (30, 30))
+        kind = draw(st.sampled_from(["ok", "ok", "ok", "negative", "non_numeric", "short",
+                                     "outside", "tiny", "duplicate"]))
+        x, y = draw(st.integers(0, w - 2)), draw(st.integers(0, h - 2))
+        bb = [x, y, draw(st.integers(1, w - x)), draw(st.integers(1, h - y))]
+        if kind == "negative":
+            bb[draw(st.sampled_from([2, 3]))] *= -1
+        elif kind == "non_numeric":
+            bb[draw(st.integers(0, 3))] = draw(st.sampled_from(["x", None, "1", float("nan"),
+                                                                float("inf"), [1], True]))
+        elif kind == "short":
+            bb = bb[:draw(st.integers(0, 3))]
+        elif kind == "outside":
+            bb[0] = w + draw(st.integers(5, 50))
+        elif kind == "tiny":
+            bb[2] = 0.2
+        cat = draw(st.one_of(st.sampled_from(cat_ids), st.sampled_from(cat_ids),
+                             st.sampled_from(["x", None, 1.5, True])))
+        ann = {"id": k + 1, "image_id": iid, "category_id": cat, "bbox": bb,
+               "iscrowd": draw(st.sampled_from([0, 0, 0, 1]))}
+        if kind == "duplicate" and anns:
+            ann.update({k2: anns[-1][k2] for k2 in ("image_id", "category_id", "bbox")})
+        if draw(st.booleans()):
+            ann["area"] = draw(st.sampled_from([100.0, 0, -5, "big", None]))
+        anns.append(ann)
+    if fault == "unlisted_cat" and anns:
+        anns[-1]["category_id"] = 9
+    doc = {"images": images, "categories": [{"id": c, "name": f"c{c}"} for c in cat_ids],
+           "annotations": anns}
+    mapping = draw(st.sampled_from(["sorted", "nc", "coco_ids"]))
+    coco_ids, nc = None, None
+    if mapping == "nc" or fault == "few_cats":
+        nc = len(set(cat_ids)) + (draw(st.sampled_from([-1, 1])) if fault == "few_cats" else 0)
+        nc = nc if nc >= 1 else 2
+    elif mapping == "coco_ids" or fault == "coco_id_missing":
+        coco_ids = draw(st.permutations(sorted(set(cat_ids))))
+        coco_ids = coco_ids[:draw(st.integers(1, len(coco_ids)))]
+        if fault == "coco_id_missing":
+            coco_ids.append(7)
+        nc = len(coco_ids)
+    return doc, coco_ids, nc
+
+
+def _perfect_detections(ds):
+    out = []
+    for lab, (h, w) in zip(ds.labels, ds.shapes0):
+        c, cx, cy, bw, bh = np.asarray(lab, np.float64).reshape(-1, 5).T
+        out.append(np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w,
+                             (cy + bh / 2) * h, np.ones_like(c), c], 1))
+    return out
+
+
+@FUZZ
+@given(case=coco_semantics())
+def test_coco_semantics_one_line_error_or_counted_and_scored_right(case):
+    from yolo_q.data import DetectionDataset
+    from yolo_q.eval import COCOEvaluator
+    doc, coco_ids, nc = case
+    img_dir = _sem_images()
+    p = _write("semantics.json", json.dumps(doc).encode())
+    try:
+        ds = DetectionDataset(img_dir, 64, nc=nc, json_file=p, coco_ids=coco_ids, cache=False,
+                              verbose=False)
+        ev = COCOEvaluator.from_dataset(ds)
+    except F.DataError as e:  # the JSON's fault: names it (no usable image: names the folder)
+        _one_line_naming(str(e), str(p), str(img_dir))
+        return
+    ids = [im["id"] for im in doc["images"]]
+    assert len(ids) == len(set(ids))  # duplicate ids never load
+    assert all(a["category_id"] in {c["id"] for c in doc["categories"]}
+               for a in doc["annotations"] if type(a["category_id"]) is int)
+    # every annotation of a loaded image is kept, dropped (counted) or a crowd region
+    r = ds.bad_report
+    n_anns = sum(1 for a in doc["annotations"] if a["image_id"] in set(ds.image_ids))
+    kept = sum(len(lab) for lab in ds.labels)
+    assert kept + sum(r["boxes_dropped"].values()) + r["crowd_skipped"] == n_anns
+    # ground truth = the kept boxes (+ valid crowd regions); perfect detections score 1.0
+    assert sum(1 for a in ev.gt_dict["annotations"] if not a["iscrowd"]
+               and a["image_id"] in set(ds.image_ids)) == kept
+    for f, det in zip(ds.im_files, _perfect_detections(ds)):
+        ev.add(f, det)
+    res = ev.summarize(per_class=False, pr_curves=False)
+    if kept:
+        assert res["map50_95"] == pytest.approx(1.0) and res["map50"] == pytest.approx(1.0)
+    else:
+        assert res["map50_95"] == 0.0 and res["note"] == "no detections"
+
+
 # -------------------------------------------------------------------------------- data YAML
 DATA_YAML = st.one_of(
     st.binary(max_size=80),

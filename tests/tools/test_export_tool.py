@@ -31,7 +31,9 @@ def tiny_checkpoint(repo_root, path):
     """The eval tests' tiny detector (random weights, sensible boxes and scores) as a float
     checkpoint with its config; returns (cfg, model)."""
     tiny = _load(repo_root / "tests/eval/eval_testutils.py", "eval_testutils").tiny_detector
-    cfg = load_config("configs/yolov6n.yaml", OVR)
+    data = path.parent / "data3.yaml"  # the model's 3 classes (export checks nc against it)
+    data.write_text("train: images\nval: images\nnames: [a, b, c]\n")
+    cfg = load_config("configs/yolov6n.yaml", OVR + [f"data.dataset={data}"])
     model = tiny(nc=3).eval()
     save_checkpoint({"model": model.state_dict(), "config": config_dict(cfg)}, path)
     return cfg, model

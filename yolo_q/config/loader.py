@@ -124,7 +124,37 @@ def load_config(path: Optional[PathLike] = None, overrides: Sequence[str] = ()) 
     except OmegaConfBaseException as e:
         raise _explain(e, source, OmegaConf.structured(Config)) from None
     validate_choices(cfg, source)
+    validate_values(cfg, source)
     return cfg
+
+
+def max_stride(cfg: DictConfig, source: str = "config") -> int:
+    """The model's largest stride (``model.head.strides``); image sizes must be multiples of it."""
+    strides = list(cfg.model.head.strides or [])
+    if not strides or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                              for s in strides):
+        raise ConfigError(f"{source}: invalid value {strides} for 'model.head.strides': must be "
+                          f"a list of positive integers")
+    return max(strides)
+
+
+def check_img_size(img_size: Any, cfg: DictConfig, key: str = "data.img_size",
+                   source: str = "config") -> int:
+    """``img_size`` as an int, else :class:`ConfigError` naming ``key``: it must be a positive
+    multiple of the model's max stride (else the neck's feature maps do not line up)."""
+    stride = max_stride(cfg, source)
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size <= 0 \
+            or img_size % stride:
+        low = max(stride, (img_size // stride) * stride) if isinstance(img_size, int) else stride
+        hint = f" (e.g. {low} or {low + stride})" if isinstance(img_size, int) else ""
+        raise ConfigError(f"{source}: invalid value {img_size} for '{key}': must be a positive "
+                          f"multiple of the model's max stride {stride}{hint}")
+    return img_size
+
+
+def validate_values(cfg: DictConfig, source: str = "config") -> None:
+    """Checks across keys that the schema's types cannot express (image size vs model stride)."""
+    check_img_size(cfg.data.img_size, cfg, "data.img_size", source)
 
 
 def validate_choices(cfg: DictConfig, source: str = "config") -> None:
@@ -175,7 +205,11 @@ def resolve_config(config: Optional[PathLike] = None, overrides: Sequence[str] =
     if weights and str(weights).endswith((".pt", ".pth")):
         stored = read_checkpoint_any(weights).get("config")
         if stored:
-            return apply_overrides(config_from_dict(stored), overrides)
+            cfg = apply_overrides(config_from_dict(stored), overrides)
+            source = f"{weights} (stored config){' + command line' if overrides else ''}"
+            validate_choices(cfg, source)  # as load_config does for a YAML
+            validate_values(cfg, source)
+            return cfg
     return load_config(None, overrides)
 
 

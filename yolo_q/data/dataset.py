@@ -212,7 +212,7 @@ class DetectionDataset(Dataset):
         im_files, shapes, labels, ids = [], [], [], []
         names: List[str] = []
         if self.json_file:
-            cj = F.load_coco_json(self.json_file, self.coco_ids)
+            cj = F.load_coco_json(self.json_file, self.coco_ids, nc)
             names = cj["names"]
             nc_eff = nc if nc is not None else len(cj["cat_to_cls"])
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..io import write_bytes_atomic
 LOGGER = logging.getLogger("yolo_q.data")
 PathLike = Union[str, os.PathLike]
 IMG_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: BOM-tolerant labels, COCO JSON id/category checks
 OUT_TOLERANCE = 0.05  # boxes up to 5% of the image beyond an edge are clipped, beyond: dropped
 ROUNDING_TOLERANCE = 1e-3  # clipping by less than this (normalised) is rounding, not counted
 MIN_BOX_PX = 0.5  # boxes narrower/shorter than this (original pixels, after clipping) are dropped
@@ -107,14 +108,8 @@ def _data_classes(raw: Dict[str, Any], yaml_file: Path):
     if len(names) != nc:
         raise DataError(f"{yaml_file}: key 'names' has {len(names)} entries but nc={nc}")
     coco_ids = raw.get("coco_ids")
-    if coco_ids is not None:
-        if (not isinstance(coco_ids, (list, tuple)) or len(coco_ids) != nc
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in coco_ids)):
-            raise DataError(f"{yaml_file}: key 'coco_ids' must be a list of {nc} integers "
-                            f"(class index -> COCO category id)")
-        if len(set(coco_ids)) != nc:
-            raise DataError(f"{yaml_file}: key 'coco_ids' has duplicate category ids")
-        coco_ids = [int(i) for i in coco_ids]
+    if coco_ids is not None and not isinstance(coco_ids, str):
+        coco_ids = _check_coco_ids(coco_ids, nc, f"{yaml_file}: key 'coco_ids'")
     return names, nc, coco_ids
 
 
@@ -168,11 +163,97 @@ def load_data_yaml(path: PathLike, root: Optional[PathLike] = None, check: bool 
             out.append(str(p))
         return out if isinstance(val, (list, tuple)) else out[0]
 
+    if isinstance(coco_ids, str):  # a file (as coco80_to_91.txt), relative to the root
+        ids_file = resolve("coco_ids")
+        coco_ids = (read_coco_ids(ids_file, nc, f"{yaml_file}: key 'coco_ids'")
+                    if check or os.path.isfile(ids_file) else None)
     info = {"yaml_file": str(yaml_file), "path": str(droot), "nc": nc, "names": names,
             "coco_ids": coco_ids}
     for key in ("train", "val", "test", "train_json", "val_json", "test_json"):
         info[key] = resolve(key)
     return info
+
+
+def _check_coco_ids(ids: Any, nc: Optional[int], where: str) -> List[int]:
+    """``ids`` as a list of ``nc`` distinct integers, else :class:`DataError` at ``where``."""
+    if (not isinstance(ids, (list, tuple)) or (nc is not None and len(ids) != nc)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        n = f"{nc} " if nc is not None else ""
+        raise DataError(f"{where} must be a list of {n}integers (class index -> COCO category "
+                        f"id), or a file of them")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{where} has duplicate category ids")
+    return [int(i) for i in ids]
+
+
+def read_coco_ids(path: PathLike, nc: Optional[int] = None, where: Optional[str] = None
+                  ) -> List[int]:
+    """Class index -> COCO category id from a file: ``<class> <id>`` per line (as
+    ``coco80_to_91.txt``) or one id per line (line order = class index), ``#`` comments; or a
+    ``.json`` list / ``{class: id}`` mapping. Classes must be ``0..n-1`` (``n == nc`` when
+    given), ids distinct. Errors name the file (and ``where``, e.g. the data YAML key)."""
+    path = Path(path)
+    where = f"{where}: {path}" if where else str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{where}: class map file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: cannot read the class map ({type(e).__name__}: {e})") from None
+    pairs: Dict[int, int] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        if isinstance(obj, dict):
+            try:
+                pairs = {int(k): v for k, v in obj.items()}
+            except ValueError:
+                raise DataError(f"{where}: keys must be class indices") from None
+            obj = [pairs[k] for k in sorted(pairs)] if sorted(pairs) == list(range(len(pairs))) \
+                else None
+        if obj is None:
+            raise DataError(f"{where}: class indices must be 0..{len(pairs) - 1}")
+        return _check_coco_ids(obj, nc, where)
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split("#")[0].split()
+        if not parts:
+            continue
+        try:
+            if len(parts) == 2:
+                cls, cid = int(parts[0]), int(parts[1])
+            elif len(parts) == 1:
+                cls, cid = len(pairs), int(parts[0])
+            else:
+                raise ValueError
+        except ValueError:
+            raise DataError(f"{where}:{n}: expected '<class> <category id>' or '<category id>', "
+                            f"got {line.strip()!r}") from None
+        if cls in pairs:
+            raise DataError(f"{where}:{n}: class {cls} is mapped twice")
+        pairs[cls] = cid
+    if sorted(pairs) != list(range(len(pairs))):
+        raise DataError(f"{where}: class indices must be 0..{len(pairs) - 1}")
+    return _check_coco_ids([pairs[k] for k in range(len(pairs))], nc, where)
+
+
+def check_model_nc(model: Any, data_nc: Optional[int], model_src: Any, data_src: Any) -> None:
+    """The one check that a model predicts the dataset's classes, used by every entry point that
+    puts a model on a dataset (eval on every backend, PTQ, QAT, export).
+
+    ``model``: a class count, or anything with ``nc`` (a model, an eval backend: an ONNX / TensorRT
+    graph's output channels - 5) or ``detect.nc``; None / unknown counts are not checked (e.g.
+    end-to-end NMS graphs). Raises :class:`DataError` naming both sources and both counts."""
+    nc = model if isinstance(model, int) and not isinstance(model, bool) else \
+        getattr(model, "nc", None)
+    if nc is None:
+        nc = getattr(getattr(model, "detect", None), "nc", None)
+    if nc is None or data_nc is None or int(nc) == int(data_nc):
+        return
+    raise DataError(f"{model_src} predicts {int(nc)} classes but the dataset {data_src} has "
+                    f"nc={int(data_nc)}: use the data YAML the model was trained on (data.dataset "
+                    f"/ --data), or train/fine-tune the model for these {int(data_nc)} classes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +279,7 @@ def list_images(source: Union[PathLike, Sequence[PathLike]]) -> List[str]:
         if p.is_dir():
             files += [str(f) for f in p.rglob("*") if f.suffix.lower() in IMG_FORMATS and f.is_file()]
         elif p.is_file() and p.suffix.lower() == ".txt":
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for line in p.read_text(encoding="utf-8-sig").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     f = Path(line).expanduser()
@@ -217,12 +298,14 @@ def list_images(source: Union[PathLike, Sequence[PathLike]]) -> List[str]:
 # labels
 # --------------------------------------------------------------------------------------------
 def check_boxes(cls: np.ndarray, xyxy: np.ndarray, nc: Optional[int], shape: Tuple[int, int],
-                where: Sequence[str], issues: List[str], counts: Dict[str, int]) -> np.ndarray:
+                where: Sequence[str], issues: List[str], counts: Dict[str, int],
+                kept: Optional[List[int]] = None) -> np.ndarray:
     """Validate normalised boxes; return kept labels ``(n,5)`` ``cls cx cy w h``.
 
     ``xyxy`` normalised corners, ``shape`` (h, w) of the image (for the pixel-size threshold),
     ``where[i]`` names the row in messages. Appends messages to ``issues`` and increments
-    ``counts`` keys ``clipped`` and ``drop_<reason>``.
+    ``counts`` keys ``clipped`` and ``drop_<reason>``; ``kept`` (optional) gets the indices of
+    the kept rows.
     """
     h, w = shape
     keep: List[np.ndarray] = []
@@ -254,6 +337,8 @@ def check_boxes(cls: np.ndarray, xyxy: np.ndarray, nc: Optional[int], shape: Tup
             else:
                 seen.add(key)
                 keep.append(np.array(row, np.float32))
+                if kept is not None:
+                    kept.append(i)
                 continue
         counts[f"drop_{reason}"] = counts.get(f"drop_{reason}", 0) + 1
         issues.append(f"{where[i]}: {msg}, dropped")
@@ -272,7 +357,8 @@ def parse_yolo_label(path: PathLike, nc: Optional[int], shape: Tuple[int, int]
     issues: List[str] = []
     counts: Dict[str, int] = {}
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        # utf-8-sig: a BOM (Windows editors) is not part of the first line's class index
+        text = Path(path).read_text(encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
         return np.zeros((0, 5), np.float32), issues, counts, "missing"
     except OSError as e:
@@ -304,12 +390,42 @@ def parse_yolo_label(path: PathLike, nc: Optional[int], shape: Tuple[int, int]
     return labels, issues, counts, "ok"
 
 
-def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+def _category_id(v: Any) -> Optional[int]:
+    """An annotation's ``category_id`` as an int, None when it is not an integer (then the box is
+    dropped as a bad class)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        return None
+    return int(v)
+
+
+def _bbox_numbers(bb: Any) -> Optional[Tuple[float, float, float, float]]:
+    """``[x, y, w, h]`` as four floats, None when it is not four (finite or not) numbers."""
+    if not isinstance(bb, (list, tuple)) or len(bb) != 4:
+        return None
+    if any(isinstance(v, (bool, str)) for v in bb):
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bb)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x, y, w, h
+
+
+def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None,
+                   nc: Optional[int] = None) -> Dict[str, Any]:
     """Read a COCO instances JSON.
 
     Category ids map to contiguous class indices: through ``coco_ids`` (index -> id) when
     given, else in sorted id order. Returns ``{"images": {file_name: {"id", "width", "height"}},
     "anns": {image_id: [ann, ...]}, "cat_to_cls": {id: cls}, "names": [...] }``.
+
+    Rejected with a :class:`DataError` naming the file (these would silently mislabel images or
+    mis-score a model): two images with the same id or the same file name; duplicate category
+    ids; an annotation whose (integer) ``category_id`` is not in ``categories``; ``coco_ids``
+    that are not all in ``categories``; without ``coco_ids``, a number of categories other than
+    ``nc`` (the data YAML's).
     """
     json_file = Path(json_file)
     try:
@@ -344,44 +460,80 @@ def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None
                             f"{f' >= {minimum}' if minimum is not None else ''}, got {v!r}")
         return n
 
-    def ident(v: Any, where: str) -> Union[int, str]:
-        if isinstance(v, float) and v.is_integer():
+    def ident(v: Any, where: str) -> int:
+        """Integer ids (also as integral floats or digit strings): the dataset and the
+        evaluator store image ids as int64."""
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
             v = int(v)
-        if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise DataError(f"{json_file}: {where} must be an integer (or string) id, got {v!r}")
+        elif isinstance(v, str) and v.strip().lstrip("-").isdigit() and v.strip().isascii():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not -2**63 <= v < 2**63:
+            raise DataError(f"{json_file}: {where} must be an integer id, got {v!r}")
         return v
 
     cats = entries("categories", ("id",))
     cat_ids = [integer(c["id"], f"categories[{i}].id") for i, c in enumerate(cats)]
+    first: Dict[Any, int] = {}
+    for i, cid in enumerate(cat_ids):
+        if cid in first:
+            raise DataError(f"{json_file}: categories[{i}].id {cid} is also categories"
+                            f"[{first[cid]}].id; category ids must be unique")
+        first[cid] = i
     if coco_ids is not None:
+        missing = [int(c) for c in coco_ids if int(c) not in first]
+        if missing:
+            raise DataError(f"{json_file}: 'categories' lacks category id(s) {missing[:8]} that "
+                            f"coco_ids maps classes to ({len(cats)} categories, "
+                            f"{len(coco_ids)} classes)")
         cat_to_cls = {int(cid): i for i, cid in enumerate(coco_ids)}
     else:
-        cat_to_cls = {cid: i for i, cid in enumerate(sorted(set(cat_ids)))}
+        if nc is not None and len(cat_ids) != nc:
+            raise DataError(f"{json_file}: {len(cat_ids)} categories but the dataset has nc={nc} "
+                            f"classes; list all {nc} categories, or map classes to category ids "
+                            f"with coco_ids in the data YAML")
+        cat_to_cls = {cid: i for i, cid in enumerate(sorted(cat_ids))}
     id2name = {cid: str(c.get("name", cid)) for cid, c in zip(cat_ids, cats)}
     names = [id2name.get(cid, str(cid)) for cid, _ in sorted(cat_to_cls.items(), key=lambda t: t[1])]
-    images = {}
+    images: Dict[str, Dict[str, Any]] = {}
+    by_id: Dict[int, int] = {}
+    by_name: Dict[str, int] = {}
     for i, im in enumerate(entries("images", ("id", "file_name", "width", "height"))):
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DataError(f"{json_file}: images[{i}].file_name must be a non-empty string")
-        images[os.path.basename(im["file_name"])] = {
-            "id": ident(im["id"], f"images[{i}].id"),
-            "width": integer(im["width"], f"images[{i}].width", minimum=1),
-            "height": integer(im["height"], f"images[{i}].height", minimum=1)}
+        iid = ident(im["id"], f"images[{i}].id")
+        if iid in by_id:  # the second image would get the first one's boxes
+            raise DataError(f"{json_file}: images[{i}].id {iid} is also images[{by_id[iid]}].id; "
+                            f"image ids must be unique")
+        base = os.path.basename(im["file_name"])
+        if base in by_name:  # images are matched to files by name
+            raise DataError(f"{json_file}: images[{i}].file_name {base!r} is also images"
+                            f"[{by_name[base]}].file_name; file names must be unique")
+        by_id[iid], by_name[base] = i, i
+        images[base] = {"id": iid,
+                        "width": integer(im["width"], f"images[{i}].width", minimum=1),
+                        "height": integer(im["height"], f"images[{i}].height", minimum=1)}
     anns: Dict[Any, list] = {}
     for i, a in enumerate(entries("annotations", ("image_id",))):
+        cid = _category_id(a.get("category_id"))
+        if cid is not None and cid not in first:
+            more = "..." if len(first) > 8 else ""
+            raise DataError(f"{json_file}: annotations[{i}].category_id {cid} is not in "
+                            f"'categories' (ids {sorted(first)[:8]}{more})")
         anns.setdefault(ident(a["image_id"], f"annotations[{i}].image_id"), []).append(a)
     return {"images": images, "anns": anns, "cat_to_cls": cat_to_cls, "names": names}
 
 
 def coco_image_labels(anns: Sequence[dict], cat_to_cls: Dict[int, int], nc: Optional[int],
-                      shape: Tuple[int, int]) -> Tuple[np.ndarray, List[str], Dict[str, int]]:
+                      shape: Tuple[int, int], kept: Optional[List[int]] = None
+                      ) -> Tuple[np.ndarray, List[str], Dict[str, int]]:
     """Convert one image's COCO annotations (bbox ``x y w h`` pixels of ``shape`` = (h, w)) to
-    labels ``(n,5)``; ``iscrowd`` regions are skipped (counted as ``crowd``)."""
+    labels ``(n,5)``; ``iscrowd`` regions are skipped (counted as ``crowd``). ``kept``
+    (optional) gets the indices into ``anns`` of the kept annotations, in label order."""
     h, w = shape
     issues: List[str] = []
     counts: Dict[str, int] = {}
-    cls, xyxy, where = [], [], []
-    for a in anns:
+    cls, xyxy, where, index = [], [], [], []
+    for j, a in enumerate(anns):
         if a.get("iscrowd", 0):
             counts["crowd"] = counts.get("crowd", 0) + 1
             continue
@@ -390,26 +542,69 @@ def coco_image_labels(anns: Sequence[dict], cat_to_cls: Dict[int, int], nc: Opti
             counts["drop_bad_columns"] = counts.get("drop_bad_columns", 0) + 1
             issues.append(f"annotation {a.get('id')}: bbox must be [x, y, w, h], dropped")
             continue
-        try:
-            if any(isinstance(v, (bool, str)) for v in bb):
-                raise TypeError
-            x, y, bw, bh = (float(v) for v in bb)
-        except (TypeError, ValueError, OverflowError):
+        nums = _bbox_numbers(bb)
+        if nums is None:
             counts["drop_non_numeric"] = counts.get("drop_non_numeric", 0) + 1
             issues.append(f"annotation {a.get('id')}: bbox values must be numbers, dropped")
             continue
-        try:
-            c = cat_to_cls.get(int(a.get("category_id", -1)), -1)
-        except (TypeError, ValueError, OverflowError):
-            c = -1  # dropped below as a bad class
-        cls.append(c)
+        x, y, bw, bh = nums
+        cid = _category_id(a.get("category_id", -1))
+        cls.append(cat_to_cls.get(cid, -1) if cid is not None else -1)  # -1: dropped below
         xyxy.append([x / w, y / h, (x + bw) / w, (y + bh) / h])
         where.append(f"annotation {a.get('id')} (category {a.get('category_id')})")
+        index.append(j)
     if not cls:
         return np.zeros((0, 5), np.float32), issues, counts
+    rows: List[int] = []
     labels = check_boxes(np.array(cls, np.float64), np.array(xyxy, np.float64), nc, shape, where,
-                         issues, counts)
+                         issues, counts, rows)
+    if kept is not None:
+        kept.extend(index[r] for r in rows)
     return labels, issues, counts
+
+
+def coco_ground_truth(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None,
+                      nc: Optional[int] = None) -> Dict[str, Any]:
+    """The COCO ground truth of exactly the boxes the loader keeps from ``json_file``: every
+    annotation that :func:`coco_image_labels` drops (non-numeric / negative / degenerate /
+    far-outside / duplicate box, bad class) is left out — so a dropped box is never scored and
+    never reaches pycocotools — while kept boxes keep the JSON's ``bbox``, ``area`` (when a
+    positive number) and crowd regions (``iscrowd``, with a valid box) stay as ignore regions.
+    Annotation ids are renumbered 1..N (pycocotools indexes by id). Nothing is logged: the
+    dataset already reported the drops once. Same errors as :func:`load_coco_json`."""
+    cj = load_coco_json(json_file, coco_ids, nc)
+    c2c = cj["cat_to_cls"]
+    nc_eff = nc if nc is not None else len(c2c)
+    cls_to_cat = sorted(c2c.items(), key=lambda t: t[1])
+    names = cj["names"]
+    out: Dict[str, Any] = {
+        "info": {"description": f"yolo_q ground truth: the boxes kept from {json_file}"},
+        "licenses": [], "images": [], "annotations": [],
+        "categories": [{"id": int(cid), "name": names[c] if c < len(names) else str(cid),
+                        "supercategory": ""} for cid, c in cls_to_cat]}
+    anns_out = out["annotations"]
+    for fname, meta in cj["images"].items():
+        h, w, iid = meta["height"], meta["width"], meta["id"]
+        out["images"].append({"id": iid, "file_name": fname, "height": h, "width": w})
+        anns = cj["anns"].get(iid, [])
+        kept: List[int] = []
+        coco_image_labels(anns, c2c, nc_eff, (h, w), kept)
+        crowd = [j for j, a in enumerate(anns) if a.get("iscrowd", 0)]
+        for j in sorted(kept + crowd):
+            a = anns[j]
+            nums = _bbox_numbers(a.get("bbox"))
+            cid = _category_id(a.get("category_id", -1))
+            if j in crowd and (nums is None or not np.isfinite(nums).all() or nums[2] <= 0
+                               or nums[3] <= 0 or c2c.get(cid, nc_eff) >= nc_eff):
+                continue  # an unusable crowd region: nothing to ignore
+            area = a.get("area")
+            if isinstance(area, bool) or not isinstance(area, (int, float)) \
+                    or not math.isfinite(area) or area <= 0:
+                area = nums[2] * nums[3]
+            anns_out.append({"id": len(anns_out) + 1, "image_id": iid, "category_id": cid,
+                             "bbox": list(nums), "area": float(area),
+                             "iscrowd": int(j in crowd)})
+    return out
 
 
 def to_coco_dict(file_names: Sequence[str], image_ids: Sequence[int], shapes: Sequence[Tuple[int, int]],

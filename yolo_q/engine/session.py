@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..config.loader import validate_values
 from ..data import build_dataloader
 from ..losses import DetectionLoss
 from ..optim import build_optimizer
@@ -56,7 +57,10 @@ def build_optimizer_for(model, cfg, world_size: int = 1, reinit: bool = True):
 
 
 def start_run(cfg, resume: Optional[str] = None) -> Path:
-    """The run directory of ``cfg.train`` (``resume``: the one of that ``last.pt``)."""
+    """The run directory of ``cfg.train`` (``resume``: the one of that ``last.pt``), after the
+    config's values are checked (e.g. ``data.img_size`` vs the stride): nothing is created for a
+    config that cannot run."""
+    validate_values(cfg, "training config")
     t = cfg.train
     return make_run_dir(t.output_dir, t.name, t.exist_ok, Path(resume) if resume else None)
 

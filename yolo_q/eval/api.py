@@ -10,7 +10,8 @@ from typing import Any, Dict, Optional
 from .backends import build_backend
 from .coco import COCOEvaluator
 from .runner import evaluate
-from ..data import build_dataloader, build_datasets_from_config
+from ..config import check_img_size
+from ..data import build_dataloader, build_datasets_from_config, check_model_nc
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,15 @@ def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
              max_images: Optional[int] = None, per_class: bool = False, verbose: bool = True,
              **backend_kwargs) -> Dict[str, Any]:
     """Evaluate ``source`` (checkpoint / model for ``torch``, .onnx for ``onnxruntime``, .engine or
-    .onnx for ``tensorrt``) on the config's validation set; returns the metrics dict."""
+    .onnx for ``tensorrt``) on the config's validation set; returns the metrics dict.
+
+    Checked before any inference, each with one line: ``img_size`` (else ``data.img_size``) is a
+    multiple of the model's max stride; the model's class count (torch: the model's ``nc``;
+    ONNX / TensorRT: output channels - 5) equals the dataset's ``nc``."""
+    if img_size:
+        check_img_size(img_size, cfg, "--imgsz", "command line")
+    else:
+        check_img_size(cfg.data.img_size, cfg, "data.img_size", "config")
     kwargs = dict(backend_kwargs)
     if backend == "torch":
         kwargs.update(cfg=cfg if not isinstance(source, (str, Path)) or not str(source).endswith(
@@ -56,7 +65,9 @@ def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
     elif backend == "tensorrt":
         kwargs.setdefault("fp16", True)
     engine = build_backend(backend, source, **kwargs)  # fails fast (e.g. TensorRT missing)
-    val_ds, loader, _ = val_loader_for(cfg, batch_size, img_size, data)
+    val_ds, loader, info = val_loader_for(cfg, batch_size, img_size, data)
+    check_model_nc(engine, val_ds.nc, source if isinstance(source, (str, Path)) else
+                   f"the {backend} model", info["yaml_file"])
     evaluator = COCOEvaluator.from_dataset(val_ds)
     max_batches = -(-max_images // batch_size) if max_images else None
     res = evaluate(engine, loader, evaluator,

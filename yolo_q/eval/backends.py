@@ -48,6 +48,7 @@ class Backend:
     device = torch.device("cpu")
     input_hw: Optional[Tuple[int, int]] = None
     fixed_batch: Optional[int] = None
+    nc: Optional[int] = None  # classes the model predicts (None: unknown, e.g. end-to-end NMS)
 
     def __call__(self, imgs: torch.Tensor):
         raise NotImplementedError
@@ -69,6 +70,13 @@ class Backend:
     def __repr__(self):
         return (f"{type(self).__name__}(device={self.device}, input_hw={self.input_hw}, "
                 f"fixed_batch={self.fixed_batch}, end2end={self.end2end})")
+
+
+def _nc_from_shape(shape) -> Optional[int]:
+    """Class count from a raw output shape ``(B, N, 5 + nc)``; None when not static."""
+    shape = list(shape or [])
+    last = shape[-1] if len(shape) == 3 else None
+    return last - 5 if isinstance(last, int) and not isinstance(last, bool) and last > 5 else None
 
 
 def _fit_hw(x: torch.Tensor, hw: Optional[Tuple[int, int]], source: str) -> torch.Tensor:
@@ -123,6 +131,9 @@ class TorchBackend(Backend):
         if half and self.device.type != "cuda":
             raise ValueError(f"half=True needs a CUDA device, got {self.device}")
         self.model = model.to(self.device).eval()
+        nc = getattr(model, "nc", None)
+        nc = nc if nc is not None else getattr(getattr(model, "detect", None), "nc", None)
+        self.nc = int(nc) if isinstance(nc, int) else None
         self.dtype = torch.float16 if half else torch.float32
         if half:
             self.model.half()
@@ -190,6 +201,9 @@ class OrtBackend(Backend):
         self.end2end = set(E2E_OUTPUTS) <= set(self.output_names)
         self._outputs = (list(E2E_OUTPUTS) if self.end2end else
                          ["outputs" if "outputs" in self.output_names else self.output_names[0]])
+        if not self.end2end:  # output channels - 5 (box, objectness)
+            out = self.session.get_outputs()[self.output_names.index(self._outputs[0])]
+            self.nc = _nc_from_shape(out.shape)
         self.device = torch.device("cpu")
 
     def _run(self, x: torch.Tensor):
@@ -266,6 +280,8 @@ class TrtBackend(Backend):
         self.end2end = set(E2E_OUTPUTS) <= set(self.runner.output_names)
         self._out = "outputs" if "outputs" in self.runner.output_names else \
             self.runner.output_names[0]
+        if not self.end2end:  # output channels - 5 (box, objectness)
+            self.nc = _nc_from_shape(self.runner.output_shapes[self._out])
 
     @staticmethod
     def _engine_for_onnx(trt_mod, src: Path, fp16, int8, workspace_gb, max_batch, cache_dir,
@@ -311,6 +327,7 @@ def build_backend(kind: str, source=None, **kwargs) -> Backend:
         return source
     if kind == "torch":
         if isinstance(source, torch.nn.Module):
+            kwargs.pop("cfg", None)  # a built model has its own structure
             return TorchBackend(source, **kwargs)
         cfg = kwargs.pop("cfg", None)
         device = kwargs.pop("device", "cpu")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..io import write_text_atomic
+from ..data.formats import coco_ground_truth, read_coco_ids
 
 __all__ = ["STAT_NAMES", "COCOEvaluator", "coco_gt_from_dataset", "load_class_map",
            "plot_pr_curves"]
@@ -75,28 +76,7 @@ def load_class_map(src) -> List[int]:
         return [int(src[k] if k in src else src[str(k)]) for k in keys]
     if isinstance(src, (list, tuple, np.ndarray)):
         return [int(v) for v in src]
-    path = Path(src)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: class map file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        return load_class_map(json.loads(text))
-    pairs = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        parts = line.split("#")[0].split()
-        if not parts:
-            continue
-        try:
-            if len(parts) == 2:
-                pairs[int(parts[0])] = int(parts[1])
-            elif len(parts) == 1:
-                pairs[len(pairs)] = int(parts[0])
-            else:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{path}:{n}: expected '<class> <category id>' or '<category id>', "
-                             f"got {line!r}") from None
-    return load_class_map(pairs)
+    return read_coco_ids(src)
 
 
 def _names_list(names, n: Optional[int] = None) -> List[str]:
@@ -175,7 +155,10 @@ class COCOEvaluator:
 
     ``gt``: a COCO JSON path, a COCO dict, or a dataset: its ``json_file`` when it has one and
     ``prefer_json`` (official areas and crowd regions), else GT built from its YOLO labels
-    (:func:`coco_gt_from_dataset`). ``class_map``: class index -> category id (default: the
+    (:func:`coco_gt_from_dataset`). A JSON (path or the dataset's) is read through
+    :func:`yolo_q.data.formats.coco_ground_truth`: only the boxes the data loader keeps are
+    ground truth (a dropped box is never scored and never reaches pycocotools); a dict is used
+    as given. ``class_map``: class index -> category id (default: the
     dataset's ``coco_ids``/``class_map``, else the GT's category ids sorted, i.e. COCO 80->91 for
     a COCO JSON). ``backend``: auto | pycocotools | faster.
 
@@ -194,10 +177,8 @@ class COCOEvaluator:
             path = Path(gt)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: COCO annotation file not found")
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON: {e}") from None
+            data = coco_ground_truth(path, load_class_map(class_map) if class_map is not None
+                                     else None)
             self.source = str(path)
         elif isinstance(gt, Mapping):
             data = dict(gt)
@@ -206,7 +187,11 @@ class COCOEvaluator:
                 class_map = _dataset_class_map(gt)
             json_file = getattr(gt, "json_file", None) if prefer_json else None
             if json_file and Path(json_file).is_file():
-                data = json.loads(Path(json_file).read_text(encoding="utf-8"))
+                # the boxes the loader kept (dropped ones are never scored), the JSON's areas
+                # and crowd regions
+                data = coco_ground_truth(
+                    json_file, load_class_map(class_map) if class_map is not None else None,
+                    getattr(gt, "nc", None))
                 self.source = str(json_file)
             else:
                 data = coco_gt_from_dataset(gt, class_map)

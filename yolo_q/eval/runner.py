@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..data import build_dataloader
+from ..data.formats import check_model_nc
 from .backends import Backend, TorchBackend
 from .coco import COCOEvaluator
 from .postprocess import e2e_to_detections, postprocess, scale_boxes
@@ -47,6 +48,9 @@ def evaluate(backend, dataloader, evaluator: COCOEvaluator, conf_thres: float = 
     if not isinstance(backend, Backend):
         raise TypeError(f"evaluate: backend must be a Backend or a torch model, got "
                         f"{type(backend).__name__}")
+    ds = getattr(dataloader, "dataset", None)
+    check_model_nc(backend, getattr(ds, "nc", None), f"the {backend.kind} model",
+                   getattr(ds, "source", "of the data loader"))
     evaluator.reset()
     it = dataloader
     if progress:

@@ -22,7 +22,9 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
+from ..data import DataError, check_model_nc, load_data_yaml
 from ..data.images import config_class_names, image_batches
+from ..data.loader import resolve_data_yaml
 from ..io import flush_denormal
 from ..quant import is_quantized, load_model, quant_state, set_quant_enabled
 from ..quant.ptq import quantize_model
@@ -65,6 +67,16 @@ def _names(cfg) -> Optional[list]:
         return None
 
 
+def _check_nc_with_data(model, cfg, src: str) -> None:
+    """The model's classes vs the config's data YAML (whose names go into the ONNX metadata);
+    export needs no data, so a data YAML that cannot be read is not checked."""
+    try:
+        info = load_data_yaml(resolve_data_yaml(cfg.data.dataset), check=False)
+    except (DataError, OSError):
+        return
+    check_model_nc(model, info["nc"], src, info["yaml_file"])
+
+
 def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
                  img_size: Optional[int] = None, batch: int = 1, dynamic: Optional[bool] = None,
                  opset: Optional[int] = None, simplify: Optional[bool] = None,
@@ -89,6 +101,7 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
         model = load_model(weights, cfg, stored_config_first=True)
         has_quant = is_quantized(model)
         src = str(weights)
+    _check_nc_with_data(model, cfg, src)
     model_flavour = quant_state(model)["flavour"] if has_quant else None
     flavour = flavour or model_flavour or "float"
     if flavour not in EXPORT_FLAVOURS:

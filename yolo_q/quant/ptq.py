@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..config import config_to_dict, copy_config, save_config
 from ..data import (DetectionDataset, build_dataloader, build_datasets_from_config,
-                    load_data_yaml)
+                    check_model_nc, load_data_yaml)
 from ..data.loader import resolve_data_yaml
 from ..eval.coco import COCOEvaluator
 from ..eval.runner import evaluate
@@ -360,8 +360,9 @@ def _load_float_and_data(st: _PTQState, float_weights, dev) -> None:
                          f"weights")
     if not getattr(st.float_model, "is_fused", True):
         st.float_model.fuse()
+    _, st.val_ds, info = build_datasets_from_config(cfg, splits=("val",), verbose=False)
+    check_model_nc(st.float_model, st.val_ds.nc, float_weights, info["yaml_file"])  # before calib
     st.batches = calibration_batches(cfg)
-    _, st.val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
     st.val_loader = build_dataloader(st.val_ds, int(cfg.eval.batch_size), shuffle=False,
                                      workers=min(int(cfg.data.workers), 2),
                                      seed=int(cfg.train.seed), persistent_workers=False)

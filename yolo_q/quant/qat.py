@@ -42,8 +42,8 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import config_from_dict, copy_config, save_config
-from ..config.loader import validate_choices
-from ..data import build_datasets_from_config
+from ..config.loader import validate_choices, validate_values
+from ..data import build_datasets_from_config, check_model_nc
 from ..engine.distributed import cleanup, init_distributed, resolve_device
 from ..engine.session import fit, start_run, sync_nc_with_data
 from ..engine.hooks import Hook, WarmupLRHook, default_hooks
@@ -279,6 +279,7 @@ def _read_inputs(cfg, weights, teacher, resume, overrides):
         cfg = config_from_dict(base)
     cfg = copy_config(cfg, overrides)
     validate_choices(cfg, "QAT config")
+    validate_values(cfg, "QAT config")
     if cfg.quant.distill.enabled and not teacher:
         raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
                        "or set quant.distill.enabled=false")
@@ -370,6 +371,8 @@ def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[st
     base_cfg = copy_config(run.cfg)
     train_ds, val_ds, info = build_datasets_from_config(run.cfg,
                                                         verbose=run.verbose and run.rank == 0)
+    student_nc = ((run.student_ck.get("config") or {}).get("model") or {}).get("nc")
+    check_model_nc(student_nc, info["nc"], run.student_ck["source"], info["yaml_file"])
     sync_nc_with_data(base_cfg, info)
     qcfg = qat_train_config(base_cfg)
     tck = run.teacher_ck
