@@ -141,10 +141,18 @@ def test_end2end_nms_graph_in_fp16_gives_the_same_detections(tmp_path, x):
 def test_export_model_fp16_option(tmp_path):
     from yolo_q.export.api import default_output, export_model
     cfg = qt.tiny_cfg()
-    res = export_model(cfg, qt.calibrated("tensorrt"), out=tmp_path / "m.onnx", img_size=qt.IMG,
-                       dynamic=True, fp16=True)
+    model = qt.calibrated("tensorrt")
+    data = tmp_path / "data" / "classes.yaml"  # the model's classes (export checks nc against it)
+    data.parent.mkdir()
+    data.write_text("train: images\nval: images\nnames: [%s]\n"
+                    % ", ".join(f"c{i}" for i in range(int(cfg.model.nc))))
+    cfg.data.dataset = str(data)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    res = export_model(cfg, model, out=out_dir / "m.onnx", img_size=qt.IMG, dynamic=True,
+                       fp16=True)
     assert res["fp16"] and res["quantized"] and is_fp16_graph(res["path"])
     assert res["info"]["has_qdq"] and res["info"]["opset"] == 19
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no leftovers
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.onnx"]  # no leftovers
     assert default_output("w/best.pt", "tensorrt", 640, fp16=True).name == \
         "best_int8_tensorrt_640_fp16.onnx"
