@@ -49,7 +49,8 @@ from .convert import (QuantStateError, all_quantizers, apply_shared_scales, conv
 logger = logging.getLogger(__name__)
 
 # model-config keys that do not change the network (ignored when comparing teacher/student)
-NON_STRUCTURAL_KEYS = ("name", "scales", "head.prior_prob")
+# not the network's structure: BN settings are folded away in the fused/quantized model
+NON_STRUCTURAL_KEYS = ("name", "scales", "head.prior_prob", "bn_eps", "bn_momentum")
 
 
 class QATError(ValueError):
