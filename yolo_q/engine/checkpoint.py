@@ -154,6 +154,21 @@ def _numpy_reconstruct(cls, shape=None, typecode=None):
     return _NumpyArray()
 
 
+def _numpy_frombuffer(data, dtype, shape, order="C"):
+    if isinstance(dtype, _NumpyDType) and isinstance(shape, tuple) and \
+            all(isinstance(n, int) and n >= 0 for n in shape) and order in ("C", "F"):
+        data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        return _numpy_buffer(dtype, data, math.prod(shape)).reshape(shape, order=order)
+    raise pickle.UnpicklingError("refused numpy _frombuffer arguments")
+
+
+def _empty_bytes(*args):
+    """``bytes()``: protocol 2 pickles an empty bytes object (e.g. of an empty array) so."""
+    if args:
+        raise pickle.UnpicklingError("refused global 'builtins.bytes' with arguments")
+    return b""
+
+
 def _codecs_encode(text, encoding="utf-8"):
     """``_codecs.encode`` as protocol-2 pickles use it for raw bytes: ``(str, 'latin1')`` only."""
     if isinstance(text, str) and encoding in ("latin1", "latin-1"):
@@ -171,12 +186,15 @@ _SAFE_GLOBALS = {
     ("torch", "Size"): torch.Size,
     ("builtins", "getattr"): _inert_getattr, ("__builtin__", "getattr"): _inert_getattr,
     ("_codecs", "encode"): _codecs_encode,
+    ("builtins", "bytes"): _empty_bytes, ("__builtin__", "bytes"): _empty_bytes,
     ("numpy", "dtype"): _NumpyDType,
     ("numpy", "ndarray"): _NDArrayClass,
 }
 for _np_mod in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2 / numpy 1 names
     _SAFE_GLOBALS[(_np_mod, "scalar")] = _numpy_scalar
     _SAFE_GLOBALS[(_np_mod, "_reconstruct")] = _numpy_reconstruct
+for _np_mod in ("numpy._core.numeric", "numpy.core.numeric"):  # pickle protocol 5 arrays
+    _SAFE_GLOBALS[(_np_mod, "_frombuffer")] = _numpy_frombuffer
 _STUB_PREFIXES = ("yolov6.", "torch.nn.modules.")
 
 

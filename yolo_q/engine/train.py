@@ -11,7 +11,8 @@ from ..config import save_config
 from ..data import build_dataloader, build_datasets_from_config
 from ..losses import DetectionLoss
 from ..models import build_model
-from .checkpoint import load_model, load_state_into
+from .checkpoint import (load_checkpoint, load_model, load_state_into, weight_settings,
+                         with_settings)
 from .distributed import cleanup, init_distributed
 from .hooks import Hook, default_hooks
 from .rundir import make_run_dir
@@ -77,6 +78,10 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
         seed_everything(t.seed, t.deterministic, rank)
         train_ds, val_ds, info = build_datasets_from_config(cfg, verbose=verbose and rank == 0)
         sync_nc_with_data(cfg, info)
+        if resume:  # continue with the BN settings the run was trained with
+            cfg = with_settings(cfg, weight_settings(
+                {"config": load_checkpoint(resume).get("config")}, str(resume)), str(resume))
+            OmegaConf.set_struct(cfg, True)
         if rank == 0:
             save_config(cfg, run_dir / "config.yaml")
 

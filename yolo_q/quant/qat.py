@@ -187,8 +187,9 @@ def _join(diff: List[str], n: int = 6) -> str:
 
 def load_teacher(path, ck: Dict[str, Any], cfg, device="cpu") -> nn.Module:
     """The float teacher, fused, in eval mode, without gradients."""
+    from ..engine.checkpoint import weight_settings, with_settings
     from ..models import build_model
-    model = build_model(cfg)
+    model = build_model(with_settings(cfg, weight_settings(ck, str(path)), f"teacher {path}"))
     sd = ck["model"]
     if not any(".bn." in k or k.endswith("rbr_identity.weight") for k in sd):
         model.fuse()  # deploy-form weights
