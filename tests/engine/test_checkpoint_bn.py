@@ -54,3 +54,23 @@ def test_legacy_checkpoint_keeps_its_outputs(tmp_path, repo_root, randomize, wit
 def test_eval_config_of_legacy_checkpoint(tmp_path, repo_root, randomize):
     path, _ = _legacy_checkpoint(tmp_path, repo_root, randomize)
     assert config_for(str(path), None).model.bn_eps == 1e-5
+
+
+def test_resume_keeps_the_runs_bn_settings(tmp_path):
+    """--resume of a run written before model.bn_eps existed goes on with 1e-5 / 0.1."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "reliability"))
+    from reliability_utils import tiny_cfg, tiny_dataset
+    from yolo_q.engine.checkpoint import load_checkpoint
+    from yolo_q.engine.train import train
+    data = tiny_dataset(tmp_path / "data", n_train=4, n_val=2)
+    run = train(tiny_cfg(data, tmp_path / "runs", epochs=2, extra=["model.bn_eps=1e-5",
+                                                                   "model.bn_momentum=0.1"]),
+                verbose=False)
+    last = load_checkpoint(run["last"])
+    del last["config"]["model"]["bn_eps"], last["config"]["model"]["bn_momentum"]
+    last["epoch"] = 0  # one epoch left to do
+    save_checkpoint(last, run["last"])
+    resumed = train(tiny_cfg(data, tmp_path / "runs", epochs=2), resume=run["last"], verbose=False)
+    model_cfg = load_checkpoint(resumed["last"])["config"]["model"]
+    assert (model_cfg["bn_eps"], model_cfg["bn_momentum"]) == (1e-5, 0.1)
