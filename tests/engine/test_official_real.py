@@ -89,3 +89,20 @@ def test_getattr_is_only_a_method_name_of_a_pickled_module():
     ``getattr(module, name)``); a bound method of anything else is refused."""
     with pytest.raises(pickle.UnpicklingError, match="refused global 'builtins.getattr' on list"):
         _restricted([1, 2].append)
+
+
+def test_convert_keeps_the_official_settings(tmp_path, repo_root, reference):
+    """tools/convert.py: official -> yolo_q checkpoint (weights_only) with the carried settings."""
+    import subprocess
+    import sys
+    src = repo_root / FIXTURES / "n_plain.pt"
+    out = tmp_path / "converted.pt"
+    r = subprocess.run([sys.executable, str(repo_root / "tools/convert.py"), str(src), str(out),
+                        "--config", str(repo_root / "configs/yolov6n.yaml"), *OVERRIDES],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stored = torch.load(out, weights_only=True)["config"]["model"]
+    assert (stored["bn_eps"], stored["bn_momentum"]) == (1e-3, 0.03)
+    with torch.no_grad():
+        box, cls = _errors(load_model(out)(reference["input"]), reference["n_plain"])
+    assert box < 1e-3 and cls < 1e-3
