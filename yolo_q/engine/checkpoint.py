@@ -352,7 +352,8 @@ def official_settings(tree: _InertModule, source: str = "checkpoint") -> Dict[st
 
 # official module kind -> (yolo_q module type, the attributes that change its function)
 _LEAF_ATTRS = {
-    "Conv2d": (nn.Conv2d, ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")),
+    "Conv2d": (nn.Conv2d, ("kernel_size", "stride", "padding", "dilation", "groups",
+                           "padding_mode")),
     "ConvTranspose2d": (nn.ConvTranspose2d, ("kernel_size", "stride", "padding", "dilation",
                                              "groups", "padding_mode", "output_padding")),
     "BatchNorm2d": (nn.BatchNorm2d, ("eps", "affine", "track_running_stats")),
