@@ -104,7 +104,10 @@ class _NumpyDType:
     """``numpy.dtype(name)`` of a numeric type; the pickled BUILD state only sets the byte order."""
 
     def __init__(self, name, align=False, copy=True):
-        dt = np.dtype(name) if isinstance(name, str) and len(name) <= 8 else None
+        try:
+            dt = np.dtype(name) if isinstance(name, str) and len(name) <= 8 else None
+        except TypeError:
+            dt = None
         if dt is None or dt.kind not in _NUMERIC_KINDS or dt.fields or dt.subdtype:
             raise pickle.UnpicklingError(f"refused numpy dtype {name!r} (only numeric dtypes)")
         self.dtype = dt
