@@ -277,7 +277,8 @@ class Pipeline:
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
         out = self.dir / "float" / "weights" / "float.pt"
-        save_checkpoint({"model": model.state_dict(), "config": config_to_dict(self.cfg),
+        cfg = model.yolo_q_config  # with the weights' own settings (BN eps...)
+        save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg),
                          "epoch": -1, "source": str(path)}, out)
         self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
         return TrainRecord(weights=str(out), run_dir=str(out.parent.parent), metrics={},

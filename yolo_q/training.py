@@ -13,9 +13,9 @@ from .engine.session import RepOptScalesHook, fit, start_run, sync_nc_with_data
 from .engine.hooks import default_hooks
 from .engine.trainer import seed_everything
 from .eval.runner import make_evaluate_fn
-from .io import load_state_into, read_checkpoint_any
+from .io import load_checkpoint, load_state_into, read_checkpoint_any
 from .models import build_model
-from .models.loading import float_model_from_state
+from .models.loading import float_model_from_state, weight_settings, with_settings
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
         seed_everything(cfg.train.seed, cfg.train.deterministic, rank)
         train_ds, val_ds, info = build_datasets_from_config(cfg, verbose=verbose and rank == 0)
         sync_nc_with_data(cfg, info)
+        if resume:  # continue with the BN settings the run was trained with
+            cfg = copy_config(with_settings(cfg, weight_settings(
+                {"config": load_checkpoint(resume).get("config")}, str(resume)), str(resume)),
+                struct=True)
         if rank == 0:
             save_config(cfg, run_dir / "config.yaml")
 

@@ -67,9 +67,10 @@ def _half_rounded(model):
     return model
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_official_checkpoint_loads_with_identical_outputs(tmp_path, repo_root, randomize, fused):
-    cfg = load_config(repo_root / "configs/yolov6n.yaml")
+@pytest.mark.parametrize("fused,eps", [(False, 1e-3), (True, 1e-3), (False, 1e-5)])
+def test_official_checkpoint_loads_with_identical_outputs(tmp_path, repo_root, randomize, fused,
+                                                          eps):
+    cfg = load_config(repo_root / "configs/yolov6n.yaml", [f"model.bn_eps={eps}"])
     model = _half_rounded(randomize(build_model(cfg))).eval()
     if fused:
         model.fuse()
@@ -84,6 +85,9 @@ def test_official_checkpoint_loads_with_identical_outputs(tmp_path, repo_root, r
     loaded = load_model(path)  # config inferred from the weights' shapes (yolov6n)
     assert loaded.yolo_q_config.model.name == "yolov6n"
     assert loaded.is_fused == fused
+    if not fused:  # the BN eps of the pickled modules, not the default of yolov6n.yaml
+        assert loaded.yolo_q_config.model.bn_eps == eps
+        assert {m.eps for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {eps}
     with torch.no_grad():
         out = loaded(x)
     assert torch.equal(out, ref)
@@ -135,3 +139,49 @@ def test_mismatched_weights_name_the_keys(tmp_path, repo_root):
         load_model(tmp_path / "sd.pt", cfg=other)
     with pytest.raises(CheckpointError, match="none of configs"):
         load_model(tmp_path / "sd.pt")
+
+
+def _tiny(repo_root):
+    cfg = load_config(repo_root / "configs/yolov6n.yaml", ["model.width_multiple=0.125", "model.nc=3"])
+    return cfg, build_model(cfg).eval()
+
+
+def _set_dilation(m):
+    m.backbone.stem.rbr_dense.conv.dilation = (2, 2)
+
+
+def _set_act(m):
+    m.neck.reduce_layer0.block.act = torch.nn.Hardswish()
+
+
+def _set_eps(m):
+    m.neck.reduce_layer1.block.bn.eps = 1e-4
+
+
+def _set_offset(m):
+    m.detect.grid_cell_offset = 0.0
+
+
+def _set_pool(m):
+    m.backbone.ERBlock_5[2].cspsppf.m.kernel_size = 3
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set_dilation, r"cannot honour official backbone.stem.rbr_dense.conv.dilation = \(2, 2\) "
+                    r"\(yolo_q's model has \(1, 1\)\)"),
+    (_set_act, r"cannot honour official neck.reduce_layer0.block.act activation = 'Hardswish'"),
+    (_set_eps, r"BatchNorm eps differs between layers \(0.001 at backbone.stem.*, 0.0001 at "
+               r"neck.reduce_layer1.block.bn\)"),
+    (_set_offset, r"cannot honour official detect.grid_cell_offset = 0.0"),
+    (_set_pool, r"cannot honour official backbone.ERBlock_5.2.cspsppf.m.kernel_size = 3"),
+], ids=["conv-dilation", "activation", "mixed-bn-eps", "grid-offset", "pool-kernel"])
+def test_function_changing_attribute_is_refused_by_name(tmp_path, repo_root, change, message):
+    """Attributes that change the function and that yolo_q cannot build are refused (one line
+    naming the attribute), not silently replaced by yolo_q's own."""
+    cfg, model = _tiny(repo_root)
+    change(model)
+    path = tmp_path / "changed.pt"
+    _official_pickle(model, path)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(path, cfg=cfg)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

@@ -117,3 +117,42 @@ def test_block_choice_changes_structure(repo_root):
 def test_registry_unknown_name_suggests():
     with pytest.raises(KeyError, match="did you mean 'repvgg'"):
         BLOCKS.get("repvgq")
+
+
+def test_batchnorm_settings_from_config(repo_root):
+    cfg = load_config(repo_root / "configs/yolov6n.yaml", ["model.width_multiple=0.125"])
+    bns = [m for m in build_model(cfg).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and {(m.eps, m.momentum) for m in bns} == {(1e-3, 0.03)}  # the official recipe
+    for block in ("repvgg", "realvgg", "linearadd", "conv_silu"):
+        cfg = load_config(repo_root / "configs/yolov6n.yaml", [
+            "model.width_multiple=0.125", f"model.block={block}", "model.bn_eps=1e-5",
+            "model.bn_momentum=0.1"])
+        bns = [m for m in build_model(cfg).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert {(m.eps, m.momentum) for m in bns} == {(1e-5, 0.1)}, block
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+@pytest.mark.parametrize("block", ["repvgg", "realvgg", "linearadd", "conv_silu"])
+def test_fuse_uses_each_bn_eps(randomize, eps, block):
+    """Variances of the order of eps, where a fold with another eps would be visibly off."""
+    from yolo_q.models.yolo import set_batchnorm
+    m = set_batchnorm(randomize(BLOCKS.get(block)(8, 8)), eps, 0.03).eval()
+    with torch.no_grad():
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_var.mul_(eps)
+    x = torch.rand(2, 8, 12, 12) * 1e-2
+    with torch.no_grad():
+        ref = m(x)
+        fuse_modules(m)
+        out = m(x)
+    assert not any(isinstance(b, torch.nn.BatchNorm2d) for b in m.modules())
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_bad_bn_settings_name_the_key(repo_root):
+    from yolo_q.config import ConfigError
+    with pytest.raises(ConfigError, match="model.bn_eps"):
+        load_config(repo_root / "configs/yolov6n.yaml", ["model.bn_eps=0"])
+    with pytest.raises(ConfigError, match="model.bn_momentum"):
+        load_config(repo_root / "configs/yolov6n.yaml", ["model.bn_momentum=1.5"])

@@ -39,6 +39,9 @@ def overrides(data_yaml, out_dir, *extra):
             "train.device=cpu", "train.progress_bar=false", "train.tensorboard=false",
             "train.eval_interval=1", f"train.output_dir={out_dir}/train", "train.epochs=20",
             "train.lr0=0.02", "eval.batch_size=8", f"quant.qat.output_dir={out_dir}/qat",
+            # 40 training steps: with the official BN momentum (0.03) the running statistics
+            # would still be ~30 % their initial values; PyTorch's 0.1 lets them follow
+            "model.bn_momentum=0.1",
             *extra]
 
 

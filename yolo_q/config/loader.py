@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..io import read_checkpoint_any, write_text_atomic
-from .schema import CHOICES, Config
+from .schema import CHOICES, LEGACY_DEFAULTS, Config
 
 PathLike = Union[str, os.PathLike]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -169,6 +169,12 @@ def validate_choices(cfg: DictConfig, source: str = "config") -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{source}: invalid value '{value}' for '{key}'; "
                               f"choose one of {', '.join(choices)}{hint}")
+    eps, mom = OmegaConf.select(cfg, "model.bn_eps"), OmegaConf.select(cfg, "model.bn_momentum")
+    if eps is not None and not eps > 0:
+        raise ConfigError(f"{source}: invalid value '{eps}' for 'model.bn_eps'; must be > 0")
+    if mom is not None and not 0 <= mom <= 1:
+        raise ConfigError(f"{source}: invalid value '{mom}' for 'model.bn_momentum'; "
+                          f"must be in [0, 1]")
 
 
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
@@ -218,10 +224,26 @@ def save_config(cfg: DictConfig, path: PathLike) -> Path:
     return write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def with_legacy_defaults(data: dict) -> dict:
+    """A stored config dict with :data:`LEGACY_DEFAULTS` filled in where its section exists but
+    lacks the key: a config written before the key existed meant the value of that time."""
+    data = dict(data)
+    for key, value in LEGACY_DEFAULTS.items():
+        section, _, leaf = key.rpartition(".")
+        node = data.get(section)
+        if isinstance(node, dict) and leaf not in node:
+            data[section] = {**node, leaf: value}
+    return data
+
+
 def config_from_dict(data: dict) -> DictConfig:
-    """Rebuild a validated config from a plain dict (e.g. the one stored in a checkpoint)."""
+    """Rebuild a validated config from a plain dict (e.g. the one stored in a checkpoint).
+
+    Keys the dict lacks take the value they had before they were added (``LEGACY_DEFAULTS``:
+    a checkpoint trained before ``model.bn_eps`` existed used 1e-5), then the schema default."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+        return OmegaConf.merge(OmegaConf.structured(Config),
+                               OmegaConf.create(with_legacy_defaults(data)))
     except OmegaConfBaseException as e:
         raise _explain(e, "checkpoint config", OmegaConf.structured(Config)) from None
 

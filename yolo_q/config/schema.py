@@ -52,6 +52,11 @@ class ModelConfig:
     neck: NeckConfig = field(default_factory=NeckConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     scales: Optional[str] = None  # RepOpt branch-scales file (from hyper-search)
+    # every BatchNorm of the model: the official YOLOv6 recipe (PyTorch's defaults are 1e-5 / 0.1).
+    # eps changes the function of a trained model (it is a property of its weights: checkpoints
+    # keep it; configs stored before these keys existed mean 1e-5 / 0.1, see LEGACY_DEFAULTS)
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.03
 
 
 @dataclass
@@ -254,6 +259,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
+
+# Values that keys added later had before they existed: a config stored in an older checkpoint
+# (which lacks the key) means this value, not today's default (yolo_q.config.config_from_dict).
+LEGACY_DEFAULTS = {
+    "model.bn_eps": 1e-5,
+    "model.bn_momentum": 0.1,
+}
 
 # Allowed values of string options, checked when a config is loaded (key -> choices).
 CHOICES = {

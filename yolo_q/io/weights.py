@@ -7,13 +7,14 @@ from typing import Any, Dict
 import torch
 
 from .checkpoint import CheckpointError, PathLike
-from .official import read_official_checkpoint
+from .official import read_official
 
 
 def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
     """Read a yolo_q checkpoint, a plain state dict, or an official YOLOv6 checkpoint.
 
-    Returns ``{"model": state_dict, "config": dict|None, "quant": dict|None, "source": str}``.
+    Returns ``{"model": state_dict, "config": dict|None, "quant": dict|None, "source": str}``
+    (plus ``"official"``: the :class:`~yolo_q.io.official.OfficialCheckpoint` for official ones).
     """
     path = Path(path)
     if not path.is_file():
@@ -21,9 +22,9 @@ def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:  # noqa: BLE001 - maybe an official (pickled-module) checkpoint
-        sd = read_official_checkpoint(path)
-        return {"model": sd, "config": None, "quant": None, "source": "official",
-                "note": str(safe_err).splitlines()[0] if str(safe_err) else ""}
+        off = read_official(path)
+        return {"model": off.state_dict, "config": None, "quant": None, "source": "official",
+                "official": off, "note": str(safe_err).splitlines()[0] if str(safe_err) else ""}
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         sd = ckpt.get("ema") if isinstance(ckpt.get("ema"), dict) and ckpt.get("ema") else ckpt["model"]
         return {"model": sd, "config": ckpt.get("config"), "quant": ckpt.get("quant"),

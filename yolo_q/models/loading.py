@@ -2,21 +2,26 @@
 load into training or deploy (fused) form. The one public loader is :func:`yolo_q.load_model`."""
 from __future__ import annotations
 
-from typing import Dict
+import logging
+from typing import Any, Dict, Optional
 
 import torch
+from omegaconf import OmegaConf
 
-from ..config import load_config
-from ..io import CheckpointError, is_deploy_form, load_state_into
+from ..config import config_from_dict, load_config
+from ..io import CheckpointError, is_deploy_form, load_state_into, official_settings
 from .yolo import build_model
 
+logger = logging.getLogger(__name__)
 
-def infer_config(sd: Dict[str, torch.Tensor]):
-    """Pick the yolov6 n/s/m/l config whose structure matches the state dict (nc from its shapes)."""
+
+def infer_config(sd: Dict[str, torch.Tensor], settings: Optional[Dict[str, Any]] = None):
+    """Pick the yolov6 n/s/m/l config whose structure matches the state dict (nc from its shapes,
+    ``settings`` (``model.*`` keys, e.g. from :func:`weight_settings`) applied first)."""
     nc = sd["detect.cls_preds.0.weight"].shape[0] if "detect.cls_preds.0.weight" in sd else 80
     deploy = is_deploy_form(sd)
     for name in ("yolov6n", "yolov6s", "yolov6m", "yolov6l"):
-        cfg = load_config(f"configs/{name}.yaml", [f"model.nc={nc}"])
+        cfg = with_settings(load_config(f"configs/{name}.yaml", [f"model.nc={nc}"]), settings)
         stem_key = "backbone.stem.rbr_reparam.weight" if deploy else "backbone.stem.rbr_dense.conv.weight"
         if stem_key not in sd and "backbone.stem.block.conv.weight" in sd:
             stem_key = "backbone.stem.block.conv.weight"
@@ -42,3 +47,33 @@ def float_model_from_state(cfg, sd: Dict[str, torch.Tensor], source: str = "weig
     if fuse:
         model.fuse()
     return model
+
+
+# ---- settings that belong to the weights, not to the run (used by load_model, resume, teachers) --
+def weight_settings(ck: Dict[str, Any], source: str = "weights") -> Dict[str, Any]:
+    """``model.*`` values fixed by the weights of a :func:`yolo_q.io.read_checkpoint_any` result:
+    the official modules' attributes (BN eps/momentum, DFL), or the BN settings of the config a
+    yolo_q checkpoint stores (1e-5 / 0.1 when it predates them). Empty for a plain state dict."""
+    if ck.get("official") is not None:
+        return official_settings(ck["official"].tree, source)
+    if ck.get("config"):
+        m = config_from_dict(ck["config"]).model
+        return {"bn_eps": float(m.bn_eps), "bn_momentum": float(m.bn_momentum)}
+    return {}
+
+
+def with_settings(cfg, settings: Optional[Dict[str, Any]], source: str = "weights"):
+    """A copy of ``cfg`` with ``settings`` (``model.*`` keys) applied; a value that differs from
+    the one given is logged (the weights' own value wins: it is what they compute with)."""
+    if not settings:
+        return cfg
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    model = cfg.model if "model" in cfg else cfg
+    for key, value in settings.items():
+        old = OmegaConf.select(model, key)
+        if old != value:
+            if old is not None:
+                logger.info("%s: model.%s=%s from the weights (config had %s)", source, key,
+                            value, old)
+            OmegaConf.update(model, key, value, merge=False)
+    return cfg

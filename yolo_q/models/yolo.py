@@ -70,4 +70,12 @@ def build_model(cfg) -> Model:
                                 use_dfl=hd.use_dfl, reg_max=hd.reg_max, prior_prob=hd.prior_prob,
                                 grid_cell_offset=hd.grid_cell_offset,
                                 grid_cell_size=hd.grid_cell_size)
-    return Model(backbone, neck, detect)
+    return set_batchnorm(Model(backbone, neck, detect), m.bn_eps, m.bn_momentum)
+
+
+def set_batchnorm(model: nn.Module, eps: float, momentum: float) -> nn.Module:
+    """Give every BatchNorm of ``model`` the same ``eps`` and ``momentum`` (in place)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.eps, mod.momentum = float(eps), float(momentum)
+    return model

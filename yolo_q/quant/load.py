@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from ..config import config_from_dict
-from ..io import PathLike, load_state_into, read_checkpoint_any
+from ..io import PathLike, check_official_function, load_state_into, read_checkpoint_any
 from ..models import build_model
-from ..models.loading import float_model_from_state, infer_config
+from ..models.loading import float_model_from_state, infer_config, weight_settings, with_settings
 from .convert import convert
 
 
@@ -31,15 +31,24 @@ def model_from_checkpoint(ck: Dict[str, Any], cfg=None, source: str = "weights",
 
     The config is ``cfg``, else the checkpoint's, else inferred from the weights' shapes; with
     ``stored_config_first`` the checkpoint's own config (or the inferred one for official
-    checkpoints) wins and ``cfg`` serves only a plain state dict."""
+    checkpoints) wins and ``cfg`` serves only a plain state dict. Settings that belong to the
+    weights (BN eps/momentum, the official head's DFL) override ``cfg``; an official checkpoint
+    whose modules would compute something else than yolo_q's model is refused, naming the
+    attribute (:func:`yolo_q.io.check_official_function`)."""
     sd = ck["model"]
+    settings = weight_settings(ck, source)
     own = ck.get("config") is not None or ck.get("source") == "official"
     if cfg is None or (stored_config_first and own):
-        cfg = config_from_dict(ck["config"]) if ck.get("config") else infer_config(sd)
+        cfg = config_from_dict(ck["config"]) if ck.get("config") else infer_config(sd, settings)
+    cfg = with_settings(cfg, settings, source)
     if ck.get("quant"):
         model = load_quantized(cfg, sd, ck["quant"], source)
     else:
-        model = float_model_from_state(cfg, sd, source, fuse=fuse)
+        model = float_model_from_state(cfg, sd, source)
+        if ck.get("official") is not None:
+            check_official_function(ck["official"].tree, model, source)
+        if fuse:
+            model.fuse()
     model.yolo_q_config = cfg
     return model.eval()
 

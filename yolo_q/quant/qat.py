@@ -52,7 +52,7 @@ from ..eval.backends import OrtBackend
 from ..eval.runner import make_evaluate_fn, val_loader
 from ..export.qdq import export_qdq
 from ..io import CheckpointError, flush_denormal, load_checkpoint, read_checkpoint_any
-from ..models.loading import float_model_from_state
+from ..models.loading import float_model_from_state, weight_settings, with_settings
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
                       enable_range_ema, is_quantized, quant_state, quantized_layers)
 from .distill import ChannelDistillHook
@@ -62,7 +62,8 @@ from .load import load_quantized
 logger = logging.getLogger(__name__)
 
 # model-config keys that do not change the network (ignored when comparing teacher/student)
-NON_STRUCTURAL_KEYS = ("name", "scales", "head.prior_prob")
+# not the network's structure: BN settings are folded away in the fused/quantized model
+NON_STRUCTURAL_KEYS = ("name", "scales", "head.prior_prob", "bn_eps", "bn_momentum")
 
 
 class QATError(ValueError):
@@ -186,7 +187,9 @@ def _join(diff: List[str], n: int = 6) -> str:
 def load_teacher(path, ck: Dict[str, Any], cfg, device="cpu") -> nn.Module:
     """The float teacher, fused, in eval mode, without gradients."""
     try:
-        model = float_model_from_state(cfg, ck["model"], f"teacher {path}", fuse=True)
+        model = float_model_from_state(
+            with_settings(cfg, weight_settings(ck, str(path)), f"teacher {path}"), ck["model"],
+            f"teacher {path}", fuse=True)
     except CheckpointError as e:
         raise QATError(f"{e} (teacher and student must be the same network)") from None
     return model.to(device).eval().requires_grad_(False)
