@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -156,84 +156,117 @@ def _constants_to_initializers(g) -> None:
     g.node.extend(keep)
 
 
-def convert_fp16(proto, metadata: bool = True):
-    """Return ``proto`` rewritten to FP16 as the module docstring says (modified in place)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
-    proto = _raise_opset(proto)
-    g = proto.graph
-    _constants_to_initializers(g)
-    inits = {i.name: i for i in g.initializer}
-    stats = _fold_weight_quantize(g, inits)
-    # activation Q/DQ scales below the FP16 range
+def _raise_small_scales(g, inits, stats) -> None:
+    """Activation Q/DQ scales below the FP16 range are raised to its smallest normal value."""
     for n in g.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in inits:
             s = _arr(inits[n.input[1]])
             if s.dtype == np.float32 and (s < FP16_MIN_SCALE).any():
                 stats["raised_scales"] += int((s < FP16_MIN_SCALE).sum())
                 inits[n.input[1]].CopyFrom(_tensor(np.maximum(s, FP16_MIN_SCALE), n.input[1]))
+
+
+def _drop_unused_initializers(g) -> Dict[str, Any]:
     used = {i for n in g.node for i in n.input}
     live = [i for i in g.initializer if i.name in used or i.name in {o.name for o in g.output}]
     del g.initializer[:]
     g.initializer.extend(live)
-    inits = {i.name: i for i in g.initializer}
-    # inputs that must stay float32: initializers read only there stay float32
-    slots = [fp32_slots(n) for n in g.node]
+    return {i.name: i for i in g.initializer}
+
+
+def _fp32_only_initializers(g, inits, slots) -> set:
+    """Initializers read only by inputs that must stay float32 (they stay float32)."""
     readers: Dict[str, list] = {}
     for j, n in enumerate(g.node):
         for k, name in enumerate(n.input):
             readers.setdefault(name, []).append(k in slots[j][0])
-    fp32_inits = {name for name in inits if readers.get(name) and all(readers[name])}
+    return {name for name in inits if readers.get(name) and all(readers[name])}
+
+
+def _floats_to_fp16(g, fp32_inits) -> None:
+    """float32 initializers, Cast targets and Constant values -> FP16."""
+    import onnx
+    from onnx import TensorProto
+    F32 = TensorProto.FLOAT
     for i in g.initializer:
         if i.data_type == F32 and i.name not in fp32_inits:
             i.CopyFrom(_tensor(_arr(i).astype(np.float16), i.name))
     for n in g.node:
         for a in n.attribute:
             if n.op_type == "Cast" and a.name == "to" and a.i == F32:
-                a.i = F16
+                a.i = TensorProto.FLOAT16
             elif a.name == "value" and a.type == onnx.AttributeProto.TENSOR and \
                     a.t.data_type == F32 and n.op_type in ("Constant", "ConstantOfShape"):
                 a.t.CopyFrom(_tensor(_arr(a.t).astype(np.float16), a.t.name))
+
+
+def _cast_fp32_slots(g, slots, fp32_inits) -> list:
+    """The nodes with Casts around the inputs/outputs that ONNX allows only in float32."""
+    from onnx import TensorProto, helper
     new_nodes = []
     for n, (ins, outs) in zip(list(g.node), slots):
         for k in ins:
             if n.input[k] and n.input[k] not in fp32_inits:
                 cast_out = f"{n.input[k]}_fp32_for_{n.name or n.op_type}"
-                new_nodes.append(helper.make_node("Cast", [n.input[k]], [cast_out], to=F32,
-                                                  name=cast_out + "/Cast"))
+                new_nodes.append(helper.make_node("Cast", [n.input[k]], [cast_out],
+                                                  to=TensorProto.FLOAT, name=cast_out + "/Cast"))
                 n.input[k] = cast_out
         new_nodes.append(n)
         for k in outs:
             if n.output[k]:
                 fp32_out = n.output[k] + "_fp32"
-                new_nodes.append(helper.make_node("Cast", [fp32_out], [n.output[k]], to=F16,
-                                                  name=fp32_out + "/Cast"))
+                new_nodes.append(helper.make_node("Cast", [fp32_out], [n.output[k]],
+                                                  to=TensorProto.FLOAT16, name=fp32_out + "/Cast"))
                 n.output[k] = fp32_out
-    # float32 graph inputs / outputs stay float32
+    return new_nodes
+
+
+def _rename(nodes, old: str, new: str, outputs: bool) -> None:
+    for n in nodes:
+        for k, name in enumerate(n.input):
+            if name == old:
+                n.input[k] = new
+        if outputs:
+            for k, name in enumerate(n.output):
+                if name == old:
+                    n.output[k] = new
+
+
+def _float32_io(g, inits, new_nodes) -> Tuple[list, list]:
+    """Casts that keep the float32 graph inputs / outputs float32: (head, tail) nodes."""
+    from onnx import TensorProto, helper
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
     head, tail = [], []
     for vi in g.input:
         if vi.name not in inits and vi.type.tensor_type.elem_type == F32:
             internal = vi.name + "_fp16"
-            for n in new_nodes:
-                for k, name in enumerate(n.input):
-                    if name == vi.name:
-                        n.input[k] = internal
+            _rename(new_nodes, vi.name, internal, outputs=False)
             head.append(helper.make_node("Cast", [vi.name], [internal], to=F16,
                                          name=internal + "/Cast"))
     for vo in g.output:
         if vo.type.tensor_type.elem_type == F32:
             internal = vo.name + "_fp16"
-            for n in new_nodes:
-                for k, name in enumerate(n.output):
-                    if name == vo.name:
-                        n.output[k] = internal
-                for k, name in enumerate(n.input):
-                    if name == vo.name:
-                        n.input[k] = internal
+            _rename(new_nodes, vo.name, internal, outputs=True)
             tail.append(helper.make_node("Cast", [internal], [vo.name], to=F32,
                                          name=vo.name + "/Cast"))
+    return head, tail
+
+
+def convert_fp16(proto, metadata: bool = True):
+    """Return ``proto`` rewritten to FP16 as the module docstring says (modified in place)."""
+    import onnx
+    proto = _raise_opset(proto)
+    g = proto.graph
+    _constants_to_initializers(g)
+    inits = {i.name: i for i in g.initializer}
+    stats = _fold_weight_quantize(g, inits)
+    _raise_small_scales(g, inits, stats)
+    inits = _drop_unused_initializers(g)
+    slots = [fp32_slots(n) for n in g.node]
+    fp32_inits = _fp32_only_initializers(g, inits, slots)
+    _floats_to_fp16(g, fp32_inits)
+    new_nodes = _cast_fp32_slots(g, slots, fp32_inits)
+    head, tail = _float32_io(g, inits, new_nodes)
     del g.node[:]
     g.node.extend(head + new_nodes + tail)
     del g.value_info[:]
