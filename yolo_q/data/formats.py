@@ -413,21 +413,7 @@ def _bbox_numbers(bb: Any) -> Optional[Tuple[float, float, float, float]]:
     return x, y, w, h
 
 
-def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None,
-                   nc: Optional[int] = None) -> Dict[str, Any]:
-    """Read a COCO instances JSON.
-
-    Category ids map to contiguous class indices: through ``coco_ids`` (index -> id) when
-    given, else in sorted id order. Returns ``{"images": {file_name: {"id", "width", "height"}},
-    "anns": {image_id: [ann, ...]}, "cat_to_cls": {id: cls}, "names": [...] }``.
-
-    Rejected with a :class:`DataError` naming the file (these would silently mislabel images or
-    mis-score a model): two images with the same id or the same file name; duplicate category
-    ids; an annotation whose (integer) ``category_id`` is not in ``categories``; ``coco_ids``
-    that are not all in ``categories``; without ``coco_ids``, a number of categories other than
-    ``nc`` (the data YAML's).
-    """
-    json_file = Path(json_file)
+def _read_coco_dict(json_file: Path) -> Dict[str, Any]:
     try:
         with open(json_file, "r", encoding="utf-8") as f:
             d = json.load(f)
@@ -439,40 +425,50 @@ def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None
         raise DataError(f"{json_file}: cannot read COCO annotations ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict) or "images" not in d:
         raise DataError(f"{json_file}: not a COCO instances file (no 'images' key)")
+    return d
 
-    def entries(key: str, required: Sequence[str]) -> List[dict]:
-        items = d.get(key, [])
-        if not isinstance(items, list):
-            raise DataError(f"{json_file}: '{key}' must be a list, got {type(items).__name__}")
-        for i, it in enumerate(items):
-            missing = [k for k in required if not isinstance(it, dict) or k not in it]
-            if missing:
-                raise DataError(f"{json_file}: {key}[{i}]: missing {', '.join(missing)}")
-        return items
 
-    def integer(v: Any, where: str, minimum: Optional[int] = None) -> int:
-        try:
-            n = int(v) if not isinstance(v, (bool, dict, list)) else None
-        except (TypeError, ValueError, OverflowError):
-            n = None
-        if n is None or (minimum is not None and n < minimum):
-            raise DataError(f"{json_file}: {where} must be an integer"
-                            f"{f' >= {minimum}' if minimum is not None else ''}, got {v!r}")
-        return n
+def _coco_entries(d: Dict[str, Any], json_file: Path, key: str, required: Sequence[str]
+                  ) -> List[dict]:
+    items = d.get(key, [])
+    if not isinstance(items, list):
+        raise DataError(f"{json_file}: '{key}' must be a list, got {type(items).__name__}")
+    for i, it in enumerate(items):
+        missing = [k for k in required if not isinstance(it, dict) or k not in it]
+        if missing:
+            raise DataError(f"{json_file}: {key}[{i}]: missing {', '.join(missing)}")
+    return items
 
-    def ident(v: Any, where: str) -> int:
-        """Integer ids (also as integral floats or digit strings): the dataset and the
-        evaluator store image ids as int64."""
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-            v = int(v)
-        elif isinstance(v, str) and v.strip().lstrip("-").isdigit() and v.strip().isascii():
-            v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int) or not -2**63 <= v < 2**63:
-            raise DataError(f"{json_file}: {where} must be an integer id, got {v!r}")
-        return v
 
-    cats = entries("categories", ("id",))
-    cat_ids = [integer(c["id"], f"categories[{i}].id") for i, c in enumerate(cats)]
+def _coco_integer(json_file: Path, v: Any, where: str, minimum: Optional[int] = None) -> int:
+    try:
+        n = int(v) if not isinstance(v, (bool, dict, list)) else None
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or (minimum is not None and n < minimum):
+        raise DataError(f"{json_file}: {where} must be an integer"
+                        f"{f' >= {minimum}' if minimum is not None else ''}, got {v!r}")
+    return n
+
+
+def _coco_ident(json_file: Path, v: Any, where: str) -> int:
+    """Integer ids (also as integral floats or digit strings): the dataset and the evaluator
+    store image ids as int64."""
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    elif isinstance(v, str) and v.strip().lstrip("-").isdigit() and v.strip().isascii():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not -2**63 <= v < 2**63:
+        raise DataError(f"{json_file}: {where} must be an integer id, got {v!r}")
+    return v
+
+
+def _coco_categories(d, json_file: Path, coco_ids, nc) -> Tuple[Dict[int, int], List[str],
+                                                                  Dict[int, int]]:
+    """``(cat_to_cls, names, first)``: category id -> class, class names, id -> its index."""
+    cats = _coco_entries(d, json_file, "categories", ("id",))
+    cat_ids = [_coco_integer(json_file, c["id"], f"categories[{i}].id")
+               for i, c in enumerate(cats)]
     first: Dict[Any, int] = {}
     for i, cid in enumerate(cat_ids):
         if cid in first:
@@ -494,13 +490,19 @@ def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None
         cat_to_cls = {cid: i for i, cid in enumerate(sorted(cat_ids))}
     id2name = {cid: str(c.get("name", cid)) for cid, c in zip(cat_ids, cats)}
     names = [id2name.get(cid, str(cid)) for cid, _ in sorted(cat_to_cls.items(), key=lambda t: t[1])]
+    return cat_to_cls, names, first
+
+
+def _coco_images(d, json_file: Path) -> Dict[str, Dict[str, Any]]:
+    """``{file_name: {"id", "width", "height"}}``; duplicate ids or file names are refused."""
     images: Dict[str, Dict[str, Any]] = {}
     by_id: Dict[int, int] = {}
     by_name: Dict[str, int] = {}
-    for i, im in enumerate(entries("images", ("id", "file_name", "width", "height"))):
+    for i, im in enumerate(_coco_entries(d, json_file, "images",
+                                         ("id", "file_name", "width", "height"))):
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DataError(f"{json_file}: images[{i}].file_name must be a non-empty string")
-        iid = ident(im["id"], f"images[{i}].id")
+        iid = _coco_ident(json_file, im["id"], f"images[{i}].id")
         if iid in by_id:  # the second image would get the first one's boxes
             raise DataError(f"{json_file}: images[{i}].id {iid} is also images[{by_id[iid]}].id; "
                             f"image ids must be unique")
@@ -509,17 +511,40 @@ def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None
             raise DataError(f"{json_file}: images[{i}].file_name {base!r} is also images"
                             f"[{by_name[base]}].file_name; file names must be unique")
         by_id[iid], by_name[base] = i, i
-        images[base] = {"id": iid,
-                        "width": integer(im["width"], f"images[{i}].width", minimum=1),
-                        "height": integer(im["height"], f"images[{i}].height", minimum=1)}
+        images[base] = {
+            "id": iid,
+            "width": _coco_integer(json_file, im["width"], f"images[{i}].width", minimum=1),
+            "height": _coco_integer(json_file, im["height"], f"images[{i}].height", minimum=1)}
+    return images
+
+
+def load_coco_json(json_file: PathLike, coco_ids: Optional[Sequence[int]] = None,
+                   nc: Optional[int] = None) -> Dict[str, Any]:
+    """Read a COCO instances JSON.
+
+    Category ids map to contiguous class indices: through ``coco_ids`` (index -> id) when
+    given, else in sorted id order. Returns ``{"images": {file_name: {"id", "width", "height"}},
+    "anns": {image_id: [ann, ...]}, "cat_to_cls": {id: cls}, "names": [...] }``.
+
+    Rejected with a :class:`DataError` naming the file (these would silently mislabel images or
+    mis-score a model): two images with the same id or the same file name; duplicate category
+    ids; an annotation whose (integer) ``category_id`` is not in ``categories``; ``coco_ids``
+    that are not all in ``categories``; without ``coco_ids``, a number of categories other than
+    ``nc`` (the data YAML's).
+    """
+    json_file = Path(json_file)
+    d = _read_coco_dict(json_file)
+    cat_to_cls, names, first = _coco_categories(d, json_file, coco_ids, nc)
+    images = _coco_images(d, json_file)
     anns: Dict[Any, list] = {}
-    for i, a in enumerate(entries("annotations", ("image_id",))):
+    for i, a in enumerate(_coco_entries(d, json_file, "annotations", ("image_id",))):
         cid = _category_id(a.get("category_id"))
         if cid is not None and cid not in first:
             more = "..." if len(first) > 8 else ""
             raise DataError(f"{json_file}: annotations[{i}].category_id {cid} is not in "
                             f"'categories' (ids {sorted(first)[:8]}{more})")
-        anns.setdefault(ident(a["image_id"], f"annotations[{i}].image_id"), []).append(a)
+        image_id = _coco_ident(json_file, a["image_id"], f"annotations[{i}].image_id")
+        anns.setdefault(image_id, []).append(a)
     return {"images": images, "anns": anns, "cat_to_cls": cat_to_cls, "names": names}
 
 
