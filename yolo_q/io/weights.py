@@ -6,7 +6,7 @@ from typing import Any, Dict
 
 import torch
 
-from .checkpoint import CheckpointError, PathLike
+from .checkpoint import CheckpointError, PathLike, check_checkpoint_file, describe_load_error
 from .official import read_official_checkpoint
 
 
@@ -15,13 +15,11 @@ def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
 
     Returns ``{"model": state_dict, "config": dict|None, "quant": dict|None, "source": str}``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:  # noqa: BLE001 - maybe an official (pickled-module) checkpoint
-        sd = read_official_checkpoint(path)
+        sd = _read_official(path)
         return {"model": sd, "config": None, "quant": None, "source": "official",
                 "note": str(safe_err).splitlines()[0] if str(safe_err) else ""}
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
@@ -32,6 +30,16 @@ def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
         return {"model": ckpt, "config": None, "quant": None, "source": "state_dict"}
     raise CheckpointError(f"{path}: unrecognised checkpoint layout "
                           f"(top-level keys: {sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+
+
+def _read_official(path: Path) -> Dict[str, torch.Tensor]:
+    """The restricted reader; a refused global is explained in our words."""
+    try:
+        return read_official_checkpoint(path)
+    except CheckpointError as e:
+        if "refused global" in str(e):
+            raise CheckpointError(describe_load_error(path, e)) from None
+        raise
 
 
 def is_deploy_form(sd: Dict[str, torch.Tensor]) -> bool:
