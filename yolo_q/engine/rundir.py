@@ -3,6 +3,7 @@ again when the run that created them fails before writing anything of its own th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from typing import Iterator, Optional
 
 from ..io.paths import OutputPathError, check_output_dir, first_missing
 
+logger = logging.getLogger(__name__)
 MIN_FREE_BYTES = 64 * 1024 * 1024  # a few checkpoints of a small model
 SETUP_FILES = ("config.yaml",)  # written at the start of a run, before any result
 _CREATED = {}  # resolved run dir -> the top-most folder make_run_dir created for it
@@ -82,6 +84,7 @@ def remove_if_unused(run: Path) -> bool:
         return False
     shutil.rmtree(top, ignore_errors=True)
     _CREATED.pop(Path(run).resolve(), None)
+    logger.info("removed %s (the run stopped before writing results there)", top)
     return True
 
 

@@ -62,8 +62,8 @@ def describe_load_error(path: Path, e: BaseException) -> str:
         what = f"global '{refused.group(1)}'" if refused else "an object that is not plain data"
         return (f"{path}: refused {what}: the file holds pickled code or objects, not only "
                 f"tensors, numbers, strings, lists and dicts, and loading them could run code; "
-                f"nothing was run (use checkpoints written by yolo_q, or convert a trusted "
-                f"official YOLOv6 file with tools/convert.py)")
+                f"nothing was run (use checkpoints written by yolo_q; an official YOLOv6 file "
+                f"converts with tools/convert.py)")
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {first})"
 
