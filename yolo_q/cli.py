@@ -13,6 +13,7 @@ from .io import CheckpointError
 
 # an error raised by (or caused by) these runtimes means the model file could not be used
 RUNTIME_PACKAGES = ("onnxruntime", "openvino", "tensorrt", "onnx", "google")
+OPENVINO_TRACE = ("Exception from src/",)  # how OpenVINO's RuntimeError messages begin
 EXPECTED = (ConfigError, CheckpointError, OSError, ValueError, KeyError)
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -29,10 +30,20 @@ def config_from_args(args: argparse.Namespace):
     return resolve_config(args.config, args.overrides, getattr(args, "weights", None))
 
 
-def _chain(e: BaseException):
-    while e is not None:
+def _chain(e: BaseException, hidden: bool = False):
+    """``e`` and what caused it (``hidden``: also contexts hidden by ``raise ... from None``)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
         yield e
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+        e = e.__cause__ or (None if e.__suppress_context__ and not hidden else e.__context__)
+
+
+def _missing_package(e: BaseException) -> bool:
+    """An optional third-party package is not installed (also when our code re-raised it as
+    ``RuntimeError("... pip install ...") from None``)."""
+    return any(isinstance(c, ModuleNotFoundError) and c.name and
+               c.name.split(".")[0] != "yolo_q" for c in _chain(e, hidden=True))
 
 
 def _raised_in_runtime(e: BaseException) -> bool:
@@ -40,7 +51,7 @@ def _raised_in_runtime(e: BaseException) -> bool:
     (OpenVINO raises ``RuntimeError("Exception from src/...")``)."""
     if (type(e).__module__ or "").split(".")[0] in RUNTIME_PACKAGES:
         return True
-    if str(e).startswith("Exception from src/"):
+    if str(e).startswith(OPENVINO_TRACE):
         return True
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -54,9 +65,7 @@ def is_expected(e: BaseException) -> bool:
     a runtime cannot load), as opposed to a bug."""
     if isinstance(e, EXPECTED) or getattr(e, "user_facing", False):
         return True
-    if isinstance(e, ModuleNotFoundError) and not (e.name or "").startswith("yolo_q"):
-        return True
-    return any(_raised_in_runtime(c) for c in _chain(e))
+    return _missing_package(e) or any(_raised_in_runtime(c) for c in _chain(e))
 
 
 def one_line(e: BaseException) -> str:
@@ -66,10 +75,12 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
         return f"{where}: {e.strerror}"
-    if isinstance(e, ModuleNotFoundError):
-        return f"{e} (install it: pip install {(e.name or '').split('.')[0]})"
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        return f"{e} (install it: pip install {e.name.split('.')[0]})"
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:1]) if lines else type(e).__name__
+    if lines and lines[0].startswith(OPENVINO_TRACE):  # C++ source locations, then the message
+        lines = [" ".join(ln for ln in lines if not ln.startswith(OPENVINO_TRACE + ("Check '",)))]
+    return lines[0] if lines and lines[0] else type(e).__name__
 
 
 def run_tool(main, argv: Optional[Sequence[str]] = None) -> int:

@@ -54,6 +54,18 @@ def test_os_errors_and_missing_packages_are_one_line(exc, shown, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_missing_package_reraised_by_our_code_is_one_line(capsys):
+    def main(argv):
+        try:
+            import yolo_q_no_such_runtime  # noqa: F401
+        except ImportError:
+            raise RuntimeError("this backend needs yolo_q_no_such_runtime: pip install it") from None
+    with pytest.raises(ModuleNotFoundError):  # the import really fails (a name yolo_q never has)
+        import yolo_q_no_such_runtime  # noqa: F401
+    assert cli_run_tool(main, []) == 2
+    assert capsys.readouterr().err == "error: this backend needs yolo_q_no_such_runtime: pip install it\n"
+
+
 def test_onnxruntime_exception_types_are_one_line(capsys):
     from onnxruntime.capi import onnxruntime_pybind11_state as ortstate
     for name in ("InvalidGraph", "Fail", "InvalidProtobuf", "NoSuchFile"):
@@ -76,6 +88,19 @@ def test_errors_raised_inside_openvino_code_are_one_line(capsys):
             raise RuntimeError("m.xml: OpenVINO could not read the model") from e
     assert cli_run_tool(main, []) == 2
     assert capsys.readouterr().err == "error: m.xml: OpenVINO could not read the model\n"
+
+
+def test_real_openvino_load_errors_are_one_line(tmp_path, capsys):
+    ov = pytest.importorskip("openvino")
+    bad = tmp_path / "model.onnx"
+    bad.write_text("this is not a model\n")
+
+    def main(argv):
+        ov.Core().read_model(str(bad))
+    assert cli_run_tool(main, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.onnx" in err and len(err.strip().splitlines()) == 1
+    assert "Exception from src/" not in err, err
 
 
 def test_tensorrt_load_errors_are_one_line(capsys):
