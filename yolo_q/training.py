@@ -48,7 +48,8 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
 
             model = build_model(cfg)
             if weights:
-                src = float_model_from_state(cfg, read_checkpoint_any(weights)["model"], str(weights))
+                src = float_model_from_state(cfg, read_checkpoint_any(weights)["model"],
+                                             str(weights))
                 load_state_into(model, src.state_dict(), str(weights))
             evaluate_fn = make_evaluate_fn(cfg, val_ds) if rank == 0 else (lambda m: {})
             hooks = default_hooks(cfg, evaluate_fn, run_dir)

@@ -39,7 +39,8 @@ def _run(exc, capsys):
 @pytest.mark.parametrize("exc, shown", [
     (PermissionError(errno.EACCES, "Permission denied", "/data/out.json"),
      "/data/out.json: Permission denied"),
-    (IsADirectoryError(errno.EISDIR, "Is a directory", "runs/m.json"), "runs/m.json: Is a directory"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "runs/m.json"),
+     "runs/m.json: Is a directory"),
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "a_file/x.pt"),
      "a_file/x.pt: Not a directory"),
     (OSError(errno.ENOSPC, "No space left on device", "runs/train/exp/weights/last.pt"),
@@ -50,7 +51,8 @@ def _run(exc, capsys):
 ])
 def test_os_errors_and_missing_packages_are_one_line(exc, shown, capsys):
     rc, err = _run(exc, capsys)
-    assert rc == 2 and err == f"error: {shown}\n" if "pip" not in shown else shown in err, err
+    assert rc == 2, err
+    assert err == f"error: {shown}\n" if "pip" not in shown else shown in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -59,11 +61,11 @@ def test_missing_package_reraised_by_our_code_is_one_line(capsys):
         try:
             import yolo_q_no_such_runtime  # noqa: F401
         except ImportError:
-            raise RuntimeError("this backend needs yolo_q_no_such_runtime: pip install it") from None
+            raise RuntimeError("needs yolo_q_no_such_runtime: pip install it") from None
     with pytest.raises(ModuleNotFoundError):  # the import really fails (a name yolo_q never has)
         import yolo_q_no_such_runtime  # noqa: F401
     assert cli_run_tool(main, []) == 2
-    assert capsys.readouterr().err == "error: this backend needs yolo_q_no_such_runtime: pip install it\n"
+    assert capsys.readouterr().err == "error: needs yolo_q_no_such_runtime: pip install it\n"
 
 
 def test_onnxruntime_exception_types_are_one_line(capsys):
@@ -72,7 +74,8 @@ def test_onnxruntime_exception_types_are_one_line(capsys):
         cls = getattr(ortstate, name)
         rc, err = _run(cls(f"[ONNXRuntimeError] : Load model from m.onnx failed: {name}\nmore"),
                        capsys)
-        assert rc == 2 and err == f"error: [ONNXRuntimeError] : Load model from m.onnx failed: {name}\n"
+        want = f"error: [ONNXRuntimeError] : Load model from m.onnx failed: {name}\n"
+        assert rc == 2 and err == want, err
 
 
 def test_errors_raised_inside_openvino_code_are_one_line(capsys):
@@ -171,7 +174,8 @@ def test_malicious_checkpoint_refusal_in_our_words(tmp_path):
             load(path)
         msg = str(e.value)
         assert msg.startswith(f"{path}: refused global") and "exec" in msg, msg
-        assert "weights_only" not in msg and "trust the source" not in msg and "\x1b[" not in msg, msg
+        assert "weights_only" not in msg and "trust the source" not in msg, msg
+        assert "\x1b[" not in msg, msg
         assert len(msg.splitlines()) == 1
     err = _one_line(run_tool("train.py", "--config", "configs/yolov6n.yaml", "--resume", path,
                              f"train.output_dir={tmp_path / 'runs'}"), path, "refused global")
