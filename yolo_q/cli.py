@@ -47,10 +47,13 @@ def _missing_package(e: BaseException) -> bool:
 
 
 def _raised_in_runtime(e: BaseException) -> bool:
-    """``e`` is a runtime library's own exception type, or a plain one raised from its code
-    (OpenVINO raises ``RuntimeError("Exception from src/...")``)."""
+    """``e`` is a runtime library's own exception type, or a plain ``RuntimeError`` raised from
+    its code (OpenVINO raises ``RuntimeError("Exception from src/...")``); a ``TypeError`` etc.
+    from inside a runtime stays a bug (ours: a wrong call)."""
     if (type(e).__module__ or "").split(".")[0] in RUNTIME_PACKAGES:
         return True
+    if type(e) is not RuntimeError:
+        return False
     if str(e).startswith(OPENVINO_TRACE):
         return True
     tb = e.__traceback__

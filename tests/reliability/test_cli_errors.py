@@ -122,6 +122,13 @@ def test_bugs_keep_their_traceback_and_ask_for_a_report(capsys):
     assert err.strip().splitlines()[-1].startswith("internal error (please report")
 
 
+def test_a_wrong_call_into_a_runtime_is_still_a_bug(capsys):
+    ns = {"__name__": "onnx.helper"}
+    exec("def make_node(op):\n    raise TypeError('make_node() missing 1 argument')", ns)
+    assert cli_run_tool(lambda argv: ns["make_node"]("Conv"), []) == 1
+    assert "internal error (please report" in capsys.readouterr().err
+
+
 def test_every_tool_runs_through_run_tool():
     tools = sorted((REPO / "tools").glob("*.py")) + sorted((REPO / "datasets").glob("*.py"))
     assert len(tools) >= 11

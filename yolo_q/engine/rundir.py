@@ -75,16 +75,28 @@ def make_run_dir(output_dir, name: str, exist_ok: bool = False, resume_from: Opt
 
 
 def remove_if_unused(run: Path) -> bool:
-    """Remove ``run`` (and the parents created with it) when :func:`make_run_dir` created it in
-    this process and it holds nothing but :data:`SETUP_FILES`; True when removed."""
-    top = _CREATED.get(Path(run).resolve())
-    if top is None or not Path(run).is_dir():
+    """Remove ``run`` (and the empty parents created with it) when :func:`make_run_dir`
+    created it in this process and it holds nothing but :data:`SETUP_FILES`; True when
+    removed."""
+    run = Path(run).resolve()
+    top = _CREATED.get(run)
+    if top is None or not run.is_dir():
         return False
-    if any(p.name not in SETUP_FILES for p in Path(run).iterdir()):
+    if any(p.name not in SETUP_FILES or not p.is_file() for p in run.iterdir()):
         return False
-    shutil.rmtree(top, ignore_errors=True)
-    _CREATED.pop(Path(run).resolve(), None)
-    logger.info("removed %s (the run stopped before writing results there)", top)
+    for p in run.iterdir():
+        p.unlink()
+    _CREATED.pop(run, None)
+    folder = run
+    while True:  # the run dir, then each parent make_run_dir created, while empty
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+        if folder == top.resolve() or folder.parent == folder:
+            break
+        folder = folder.parent
+    logger.info("removed %s (the run stopped before writing results there)", run)
     return True
 
 
