@@ -162,6 +162,25 @@ def test_benchmark_json_is_checked_before_timing(tmp_path):
     assert "img/s" not in r.stdout
 
 
+def test_qat_output_dir_checked_before_data_and_models(env, tmp_path, monkeypatch):
+    import torch
+    import yolo_q.quant.qat as qat
+    from yolo_q.quant import calibrate, convert, quant_state
+    monkeypatch.setattr(qat, "build_datasets_from_config",
+                        lambda *a, **k: pytest.fail("QAT started"))
+    q = convert(tiny_detector(nc=8).fuse(), env["cfg"], flavour="onnxruntime")
+    calibrate(q, [torch.rand(2, 3, 64, 64)], method="max", progress=False)
+    ptq = tmp_path / "ptq.pt"
+    save_checkpoint({"model": q.state_dict(), "config": config_dict(env["cfg"]),
+                     "quant": quant_state(q)}, ptq)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputPathError, match="a_file is a regular file"):
+        qat.run_qat(None, weights=str(ptq), verbose=False,
+                    overrides=["quant.distill.enabled=false",
+                               f"quant.qat.output_dir={blocker / 'qat'}"])
+
+
 # ------------------------------------------------------------------------- run directories
 def test_resume_of_a_mistyped_path_creates_nothing(tmp_path):
     missing = tmp_path / "runs" / "oops" / "weights" / "last.pt"
