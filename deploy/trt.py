@@ -38,12 +38,19 @@ INSTALL_HINT = ("on a machine with an NVIDIA GPU run: pip install -e '.[trt]' (T
                 "'.[trt-cu12]' (CUDA 12) or '.[trt10]' (tensorrt-cu12>=10.8,<11; JetPack ships 10.x); "
                 "see deploy/README.md")
 
-__all__ = ["TensorRTUnavailable", "require_tensorrt", "is_available", "onnx_precision",
-           "onnx_has_qdq", "build_engine", "engine_cache_key", "cached_engine", "TrtRunner"]
+__all__ = ["TensorRTError", "TensorRTUnavailable", "require_tensorrt", "is_available",
+           "onnx_precision", "onnx_has_qdq", "build_engine", "engine_cache_key", "cached_engine",
+           "TrtRunner"]
 
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT or CUDA is missing (or too old); the message says what and how to install."""
+
+    user_facing = True  # tools print the message as one line and exit 2
+
+
+class TensorRTError(RuntimeError):
+    """TensorRT could not parse, build, load or run a model file; the message names the file."""
 
     user_facing = True  # tools print the message as one line and exit 2
 
@@ -175,7 +182,7 @@ def build_engine(onnx_path: PathLike, engine_path: Optional[PathLike] = None,
         for i in range(parser.num_errors):
             parser_error = parser.get_error(i)
             errors.append(str(parser_error))
-        raise RuntimeError(f"{onnx_path}: TensorRT could not parse the ONNX model: "
+        raise TensorRTError(f"{onnx_path}: TensorRT could not parse the ONNX model: "
                            f"{'; '.join(errors)}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -191,7 +198,7 @@ def build_engine(onnx_path: PathLike, engine_path: Optional[PathLike] = None,
     t0 = time.time()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log "
+        raise TensorRTError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log "
                            f"above; try --verbose or a larger --workspace)")
     _atomic_write(engine_path, memoryview(serialized))
     timing_cache = config.get_timing_cache()
@@ -286,7 +293,7 @@ class TrtRunner:
             self.runtime = trt.Runtime(self.logger)
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
             if self.engine is None:
-                raise RuntimeError(f"{self.path}: could not deserialize the engine (built with "
+                raise TensorRTError(f"{self.path}: could not deserialize the engine (built with "
                                    f"another TensorRT version or for another GPU? rebuild it)")
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -327,7 +334,7 @@ class TrtRunner:
                 outs[name] = t
             stream = torch.cuda.current_stream(self.device)
             if not self.context.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError(f"{self.path}: TensorRT execution failed")
+                raise TensorRTError(f"{self.path}: TensorRT execution failed")
         return outs
 
     def info(self) -> Dict[str, object]:

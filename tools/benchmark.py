@@ -17,12 +17,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep (interleaved runs)
 import argparse  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from yolo_q.benchmark import (DEFAULT_ROWS, format_speed_markdown, format_speed_table,
                               format_train_table, speed_benchmark, train_benchmark)  # noqa: E402
-from yolo_q.cli import run_tool  # noqa: E402
+from yolo_q.cli import config_from_args, run_tool  # noqa: E402
+from yolo_q.io import check_output_dir, check_output_file, write_json  # noqa: E402
 
 
 def _common(p, batch_default, imgsz_default):
@@ -83,9 +82,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from yolo_q.cli import config_from_args
     args = parse_args(argv)
     cfg = config_from_args(args)
+    inputs = [getattr(args, "weights", None), *getattr(args, "quant_weights", [])]
+    if args.json:
+        check_output_file(args.json, inputs, what="--json file")
+    if getattr(args, "work_dir", None):
+        check_output_dir(args.work_dir, inputs, what="--work-dir directory")
     if args.cmd == "speed":
         res = speed_benchmark(cfg, weights=args.weights, quant_weights=args.quant_weights,
                               img_size=args.imgsz, batches=args.batch, threads=args.threads,
@@ -101,8 +104,7 @@ def main(argv=None):
                               warmup=args.warmup, steps=args.steps, seed=args.seed)
         print(format_train_table(res))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
     return 0
 
 

@@ -9,7 +9,7 @@ import argparse
 from yolo_q.cli import run_tool
 from yolo_q.config import config_to_dict, load_config
 from yolo_q import load_model
-from yolo_q.io import save_checkpoint
+from yolo_q.io import check_output_file, save_checkpoint
 
 
 def get_args_parser():
@@ -23,6 +23,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
+    check_output_file(args.dst, [args.src], what="output checkpoint")
     cfg = load_config(args.config, args.overrides) if args.config else None
     model = load_model(args.src, cfg=cfg)
     cfg = model.yolo_q_config

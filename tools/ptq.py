@@ -17,6 +17,9 @@ layers), ``ptq.pt`` (loads with ``yolo_q.load_model`` / ``tools/eval.py --weight
 import argparse
 
 from yolo_q.cli import config_from_args, run_tool
+from yolo_q.engine.rundir import discard_unused_run_dirs, make_run_dir
+from yolo_q.io import check_checkpoint_file, check_output_file
+from yolo_q.quant.ptq import run_ptq
 
 
 def get_args_parser():
@@ -65,23 +68,27 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
-    from yolo_q.engine.rundir import make_run_dir
-    from yolo_q.quant.ptq import run_ptq
-
     cfg = config_from_args(args)
-    run_dir = make_run_dir(args.project, args.name, args.exist_ok)
-    print(f"run directory: {run_dir}")
-    summary = run_ptq(cfg, args.weights, calib=args.calib,
-                      per_tensor_weights=args.per_tensor_weights, sensitivity=args.sensitivity,
-                      sensitivity_mode=args.sensitivity_mode, all_but=args.all_but,
-                      skip_top=args.skip_top, max_drop=args.max_drop,
-                      max_search_steps=args.max_steps, out=args.out,
-                      run_dir=run_dir, flavour=args.flavour, integer_check=args.integer_check,
-                      eval_images=args.eval_images, device=args.device,
-                      sensitivity_gain=args.sensitivity_gain,
-                      progress=not args.no_progress)
+    check_checkpoint_file(args.weights)
+    if args.out:
+        check_output_file(args.out, [args.weights], what="--out checkpoint")
+    with discard_unused_run_dirs():
+        run_dir = make_run_dir(args.project, args.name, args.exist_ok)
+        print(f"run directory: {run_dir}")
+        summary = _run(cfg, args, run_dir)
     print(f"checkpoint: {summary['files']['checkpoint']}  (summary: {summary['files']['summary']})")
     return 0
+
+
+def _run(cfg, args, run_dir):
+    return run_ptq(cfg, args.weights, calib=args.calib,
+                   per_tensor_weights=args.per_tensor_weights, sensitivity=args.sensitivity,
+                   sensitivity_mode=args.sensitivity_mode, all_but=args.all_but,
+                   skip_top=args.skip_top, max_drop=args.max_drop,
+                   max_search_steps=args.max_steps, out=args.out,
+                   run_dir=run_dir, flavour=args.flavour, integer_check=args.integer_check,
+                   eval_images=args.eval_images, device=args.device,
+                   sensitivity_gain=args.sensitivity_gain, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .benchmark import format_speed_table, speed_benchmark
 from .config import config_to_dict
 from .data import load_data_yaml
 from .data.synthetic import generate
+from .engine.rundir import discard_unused_run_dirs, make_run_dir
 from .eval.api import run_eval
 from .export.api import export_model
 from .io import load_checkpoint, save_checkpoint
@@ -130,8 +131,7 @@ class Pipeline:
         self.cfg = cfg
         self.force = set(force)
         self.verbose = verbose
-        self.dir = Path(cfg.pipeline.output_dir) / cfg.pipeline.name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_run_dir(cfg.pipeline.output_dir, cfg.pipeline.name, exist_ok=True)
         self.state_path = self.dir / "pipeline.json"
         self.state: Dict[str, Any] = (json.loads(self.state_path.read_text())
                                       if self.state_path.exists() else {})
@@ -503,4 +503,5 @@ def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_pipeline(cfg, force: Iterable[str] = (), verbose: bool = True) -> Dict[str, Any]:
-    return Pipeline(cfg, force=force, verbose=verbose).run()
+    with discard_unused_run_dirs():  # a pipeline that cannot start leaves no empty folder
+        return Pipeline(cfg, force=force, verbose=verbose).run()

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from ..config.loader import validate_values
 from ..data import build_dataloader
+from ..io import load_checkpoint
 from ..losses import DetectionLoss
 from ..optim import build_optimizer
 from ..optim.repopt import ScalesError, load_scales, prepare_repopt, save_scales
@@ -58,9 +59,13 @@ def build_optimizer_for(model, cfg, world_size: int = 1, reinit: bool = True):
 
 def start_run(cfg, resume: Optional[str] = None) -> Path:
     """The run directory of ``cfg.train`` (``resume``: the one of that ``last.pt``), after the
-    config's values are checked (e.g. ``data.img_size`` vs the stride): nothing is created for a
-    config that cannot run."""
+    config's values are checked (e.g. ``data.img_size`` vs the stride) and ``resume`` loads
+    safely: nothing is created for a run that cannot start. Run inside
+    :func:`~yolo_q.engine.rundir.discard_unused_run_dirs` to remove the directory again when
+    the run fails before writing anything there."""
     validate_values(cfg, "training config")
+    if resume:  # readable and safe, before the data is built (it is loaded again by fit)
+        load_checkpoint(resume)
     t = cfg.train
     return make_run_dir(t.output_dir, t.name, t.exist_ok, Path(resume) if resume else None)
 

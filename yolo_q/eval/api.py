@@ -2,7 +2,6 @@
 and COCO evaluation."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -12,6 +11,7 @@ from .coco import COCOEvaluator
 from .runner import evaluate
 from ..config import check_img_size
 from ..data import build_dataloader, build_datasets_from_config, check_model_nc
+from ..io import check_output_dir, check_output_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,17 @@ def backend_from_args(weights=None, onnx=None, trt=None, threads: Optional[int] 
     return "tensorrt", trt, {"fp16": True}
 
 
+def _check_outputs(save_json, save_dir, inputs) -> None:
+    """``--save-json`` / ``--save-dir`` usable and not an input, before any inference."""
+    inputs = [i for i in inputs if isinstance(i, (str, Path))]
+    if save_json:
+        check_output_file(save_json, inputs, what="--save-json file")
+    if save_dir:
+        check_output_dir(save_dir, inputs, what="--save-dir directory")
+        for name in ("predictions.json", "pr_curves.npz"):
+            check_output_file(Path(save_dir) / name, inputs, what="--save-dir file")
+
+
 def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
              img_size: Optional[int] = None, data: Optional[str] = None, conf: Optional[float] = None,
              iou: Optional[float] = None, max_det: Optional[int] = None, half: bool = False,
@@ -52,7 +63,9 @@ def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
 
     Checked before any inference, each with one line: ``img_size`` (else ``data.img_size``) is a
     multiple of the model's max stride; the model's class count (torch: the model's ``nc``;
-    ONNX / TensorRT: output channels - 5) equals the dataset's ``nc``."""
+    ONNX / TensorRT: output channels - 5) equals the dataset's ``nc``; ``save_json`` /
+    ``save_dir`` can be written and are not inputs."""
+    _check_outputs(save_json, save_dir, [source, data or cfg.data.dataset])
     if img_size:
         check_img_size(img_size, cfg, "--imgsz", "command line")
     else:
@@ -91,6 +104,5 @@ def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
     if save_json:
         scalars = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
         scalars["stats"] = [float(s) for s in res.get("stats", [])]
-        Path(save_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(save_json).write_text(json.dumps(scalars, indent=2))
+        write_json(save_json, scalars)
     return res

@@ -25,7 +25,7 @@ from ..data.images import (IMAGE_EXTS, VIDEO_EXTS, config_class_names, image_bat
                            letterbox_batch, list_images, read_image)
 from .backends import Backend, build_backend
 from .postprocess import e2e_to_detections, postprocess, scale_boxes
-from ..io import read_checkpoint_any
+from ..io import check_output_file, make_output_dir, read_checkpoint_any
 
 __all__ = ["IMAGE_EXTS", "VIDEO_EXTS", "list_images", "letterbox_batch", "image_batches",
            "detect", "draw_detections", "class_names", "run_inference"]
@@ -154,13 +154,17 @@ def run_inference(cfg, backend: str, model_source, source: PathLike, out_dir: Pa
     if img_size % stride:
         raise ValueError(f"--imgsz {img_size} must be a multiple of {stride}")
     names = class_names(cfg, engine)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     src = Path(str(source)).expanduser()
+    is_video = src.is_file() and src.suffix.lower() in VIDEO_EXTS
+    files = [] if is_video else list_images(source)
+    inputs = [model_source, source]
+    check_output_file(Path(out_dir) / "detections.json", inputs, what="detections file")
+    out = make_output_dir(out_dir, inputs, what="--out directory",
+                          same_names=([src] if is_video else files) if save_images else ())
     results: List[Dict[str, Any]] = []
     args = dict(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes)
     n_det = 0
-    if src.is_file() and src.suffix.lower() in VIDEO_EXTS:
+    if is_video:
         writer = None
         try:
             for i, frame, fps in _video_frames(src):
@@ -182,7 +186,6 @@ def run_inference(cfg, backend: str, model_source, source: PathLike, out_dir: Pa
         if not results:
             raise ValueError(f"{src}: the video has no readable frames")
     else:
-        files = list_images(source)
         used: set = set()
         for s in range(0, len(files), batch_size):
             chunk, imgs = [], []

@@ -25,7 +25,7 @@ import torch
 from ..data import DataError, check_model_nc, load_data_yaml
 from ..data.images import config_class_names, image_batches
 from ..data.loader import resolve_data_yaml
-from ..io import flush_denormal
+from ..io import check_output_file, flush_denormal
 from ..quant import is_quantized, load_model, quant_state, set_quant_enabled
 from ..quant.ptq import quantize_model
 from .fp16 import write_fp16
@@ -94,6 +94,9 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
     :func:`yolo_q.export.onnx_info`)."""
 
     e = cfg.export
+    if out:  # before anything is loaded or calibrated
+        check_output_file(out, [] if isinstance(weights, torch.nn.Module) else [weights],
+                          what="ONNX output")
     if isinstance(weights, torch.nn.Module):
         model, has_quant = weights.eval(), is_quantized(weights)
         src = "model"
@@ -115,6 +118,7 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
     nms = nms or "onnx"
     out = Path(out) if out else default_output(src if src != "model" else "model.pt", flavour,
                                                img_size, fp16)
+    check_output_file(out, [src] if src != "model" else [], what="ONNX output")  # default
     e2e = dict(end2end=end2end, nms=nms, conf_thres=float(e.conf_thres),
                iou_thres=float(e.iou_thres), max_det=int(e.max_det))
     meta = {"source": Path(src).name, "flavour": flavour}

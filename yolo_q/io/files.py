@@ -15,14 +15,34 @@ import torch
 PathLike = Union[str, os.PathLike]
 
 
+def process_umask() -> int:
+    """The process umask (read from /proc where possible: ``os.umask`` can only be read by
+    setting it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temp path in ``path``'s folder; on success it replaces ``path`` (``os.replace``),
-    on any error it is removed. A crash leaves the previous file or the new one, never half."""
+    on any error it is removed. A crash leaves the previous file or the new one, never half.
+    The file gets the mode a plain ``open(path, "w")`` would give (``0o666 & ~umask``), not
+    ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~process_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the rename

@@ -6,8 +6,8 @@ from typing import Any, Dict
 
 import torch
 
-from .checkpoint import CheckpointError, PathLike
-from .official import read_official
+from .checkpoint import CheckpointError, PathLike, check_checkpoint_file, describe_load_error
+from .official import OfficialCheckpoint, read_official
 
 
 def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
@@ -16,13 +16,11 @@ def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
     Returns ``{"model": state_dict, "config": dict|None, "quant": dict|None, "source": str}``
     (plus ``"official"``: the :class:`~yolo_q.io.official.OfficialCheckpoint` for official ones).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:  # noqa: BLE001 - maybe an official (pickled-module) checkpoint
-        off = read_official(path)
+        off = _read_official(path)
         return {"model": off.state_dict, "config": None, "quant": None, "source": "official",
                 "official": off, "note": str(safe_err).splitlines()[0] if str(safe_err) else ""}
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
@@ -33,6 +31,16 @@ def read_checkpoint_any(path: PathLike) -> Dict[str, Any]:
         return {"model": ckpt, "config": None, "quant": None, "source": "state_dict"}
     raise CheckpointError(f"{path}: unrecognised checkpoint layout "
                           f"(top-level keys: {sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+
+
+def _read_official(path: Path) -> OfficialCheckpoint:
+    """The restricted reader; a refused global is explained in our words."""
+    try:
+        return read_official(path)
+    except CheckpointError as e:
+        if "refused global" in str(e):
+            raise CheckpointError(describe_load_error(path, e)) from None
+        raise
 
 
 def is_deploy_form(sd: Dict[str, torch.Tensor]) -> bool:

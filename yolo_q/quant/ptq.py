@@ -31,7 +31,8 @@ from ..data import (DetectionDataset, build_dataloader, build_datasets_from_conf
 from ..data.loader import resolve_data_yaml
 from ..eval.coco import COCOEvaluator
 from ..eval.runner import evaluate
-from ..io import flush_denormal, jsonable, save_checkpoint, write_json
+from ..io import (check_output_dir, check_output_file, flush_denormal, jsonable,
+                  save_checkpoint, write_json)
 from . import partial as partial_mod
 from . import sensitivity as sens
 from .calibrators import METHODS
@@ -326,6 +327,7 @@ def run_ptq(cfg, float_weights, options: Optional[PTQOptions] = None, **kwargs) 
         raise ValueError("--skip-top and --max-drop are mutually exclusive")
     if opts.sensitivity_mode not in MODES:
         raise ValueError(f"sensitivity mode '{opts.sensitivity_mode}' is not one of {MODES}")
+    _check_outputs(opts, float_weights)
     cfg = _resolved_cfg(cfg, opts.calib, opts.per_tensor_weights, opts.flavour,
                         opts.sensitivity_gain)
     st = _PTQState(cfg, opts, print if opts.verbose else (lambda *a, **k: None))
@@ -343,6 +345,18 @@ def run_ptq(cfg, float_weights, options: Optional[PTQOptions] = None, **kwargs) 
         if opts.integer_check:
             st.int_check = _integer_report(st.final, st.batches[0][:2], st.say)
     return _write_outputs(st, float_weights, t_all)
+
+
+def _check_outputs(opts: PTQOptions, float_weights) -> None:
+    """Every output location usable and none of them the float input, before any work."""
+    inputs = [float_weights] if isinstance(float_weights, (str, Path)) else []
+    if opts.run_dir is not None:
+        check_output_dir(opts.run_dir, inputs, what="PTQ run directory")
+    out = opts.out if opts.out is not None else (
+        Path(opts.run_dir) / "ptq.pt" if opts.run_dir is not None else None)
+    for path in (out, opts.out_full):
+        if path is not None:
+            check_output_file(path, inputs, what="PTQ checkpoint")
 
 
 def _stage(name: str, st: _PTQState, fn, *args) -> None:

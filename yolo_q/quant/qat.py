@@ -47,11 +47,13 @@ from ..data import build_datasets_from_config, check_model_nc
 from ..engine.distributed import cleanup, init_distributed, resolve_device
 from ..engine.session import fit, start_run, sync_nc_with_data
 from ..engine.hooks import Hook, WarmupLRHook, default_hooks
+from ..engine.rundir import discard_unused_run_dirs
 from ..engine.trainer import seed_everything
 from ..eval.backends import OrtBackend
 from ..eval.runner import make_evaluate_fn, val_loader
 from ..export.qdq import export_qdq
-from ..io import CheckpointError, flush_denormal, load_checkpoint, read_checkpoint_any
+from ..io import (CheckpointError, check_output_dir, flush_denormal, load_checkpoint,
+                  read_checkpoint_any)
 from ..models.loading import float_model_from_state, weight_settings, with_settings
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
                       enable_range_ema, is_quantized, quant_state, quantized_layers)
@@ -287,6 +289,8 @@ def _read_inputs(cfg, weights, teacher, resume, overrides):
         raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
                        "or set quant.distill.enabled=false")
     teacher_ck = dict(read_teacher(teacher), source=str(teacher)) if teacher else None
+    if not resume:  # the run directory is made later, after the data and models are checked
+        check_output_dir(cfg.quant.qat.output_dir, what="QAT output directory")
     return cfg, student, teacher_ck, weights, resume_ck
 
 
@@ -315,7 +319,8 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
                  verbose)
     dist_info = init_distributed()
     try:
-        with flush_denormal(True):  # CPU: denormals made eval/training steps ~60x slower
+        # CPU: denormals made eval/training steps ~60x slower
+        with flush_denormal(True), discard_unused_run_dirs():
             run.rank, run.world = dist_info.rank, dist_info.world_size
             return _train_qat(run, evaluate_start, integer_check, ort_check)
     finally:
