@@ -59,11 +59,9 @@ def data_command(cfg) -> str:
     if syn is None:
         raise ValueError("ladder: the config has no pipeline.synthetic section; pass the data "
                          "command explicitly")
-    if syn.spec:
-        raise ValueError("ladder: pipeline.synthetic.spec is not expressible as a "
-                         "datasets/synthetic.py command; pass the data command explicitly")
+    spec = " ".join(f"{k}={v}" for k, v in (syn.spec or {}).items())
     return (f"python datasets/synthetic.py --out {syn.out} --train {syn.train} --val {syn.val} "
-            f"--size {syn.size} --seed {syn.seed}")
+            f"--size {syn.size} --seed {syn.seed}" + (f" --spec {spec}" if spec else ""))
 
 
 def _curve(weights: str) -> Dict[str, Any]:
