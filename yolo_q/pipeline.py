@@ -349,8 +349,12 @@ class Pipeline:
             best = best if best.exists() else last
             return {"run_dir": str(run), "best": str(best),
                     "qat": _scalars(load_checkpoint(best).get("metrics", {}))}
+        # the float / PTQ rows of the QAT summary: the PTQ stage's numbers when it evaluated
+        # the same (whole) val set, else QAT evaluates teacher and student itself
+        same_val = not self.cfg.pipeline.eval_images
+        baseline = {"float": ptq.float, "ptq": ptq.ptq} if same_val else None
         return run_qat(cfg, weights=ptq.full, teacher=tr.weights, overrides=ov,
-                       evaluate_start=False, verbose=self.verbose)
+                       evaluate_start=not same_val, baseline=baseline, verbose=self.verbose)
 
     def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
         """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;

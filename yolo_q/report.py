@@ -26,16 +26,49 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def plot_map_per_stage(rows: List[Dict[str, Any]], path: Path) -> Path:
+def stage_deltas(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What the stage plot shows: for each evaluated (stage, runtime) pair once, the change of
+    mAP50-95 and mAP50 vs the float torch row, in mAP points (%); ``float`` holds that row's
+    absolute values (None when there is no float torch row: then nothing to plot)."""
+    ref = next((r for r in rows if r["stage"] == "float" and r["runtime"].startswith("torch")
+                and r.get("map50_95") is not None), None)
+    out: Dict[str, Any] = {"float": None, "stages": []}
+    if ref is None:
+        return out
+    out["float"] = {"map50_95": 100 * ref["map50_95"], "map50": 100 * (ref.get("map50") or 0)}
+    seen = set()
+    for r in rows:
+        label = f"{r['stage']} / {r['runtime']}"
+        if r.get("skipped") or r.get("map50_95") is None or label in seen or r is ref:
+            continue
+        seen.add(label)
+        out["stages"].append({"stage": label,
+                              "d_map50_95": 100 * (r["map50_95"] - ref["map50_95"]),
+                              "d_map50": 100 * ((r.get("map50") or 0) - (ref.get("map50") or 0))})
+    return out
+
+
+def plot_map_per_stage(deltas: Dict[str, Any], path: Path) -> Optional[Path]:
+    """Bars of Δ mAP50-95 / Δ mAP50 vs float (points) per stage and runtime, each labelled with
+    its value; float's absolute mAP in the title. None when there is no float row."""
+    if deltas["float"] is None:
+        return None
     plt = _plt()
-    names = [r["stage"] for r in rows]
+    rows = deltas["stages"]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r.get("map50_95") or 0 for r in rows], 0.4, label="mAP50-95")
-    ax.bar(x + 0.2, [r.get("map50") or 0 for r in rows], 0.4, label="mAP50")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel("mAP")
-    ax.set_title("mAP per stage")
+    for off, key, label in ((-0.2, "d_map50_95", "Δ mAP50-95"), (0.2, "d_map50", "Δ mAP50")):
+        vals = [r[key] for r in rows]
+        bars = ax.bar(x + off, vals, 0.4, label=label)
+        ax.bar_label(bars, labels=[f"{v:+.2f}" for v in vals], fontsize=7, padding=2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [r["stage"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("Δ mAP vs float (points)")
+    f = deltas["float"]
+    ax.set_title(f"mAP change vs float (float: mAP50-95 {f['map50_95']:.2f}, "
+                 f"mAP50 {f['map50']:.2f})")
+    lim = max([abs(r[k]) for r in rows for k in ("d_map50_95", "d_map50")] + [0.1]) * 1.3
+    ax.set_ylim(-lim, lim)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -244,14 +277,10 @@ def write_report(out_dir, cfg, results: Dict[str, Dict[str, Any]], state: Dict[s
                    f"the hyper-search run (`{tr['scales']}`).", ""]
         md += ["### mAP per stage and runtime", "", map_table(res["eval"]["rows"]), ""]
         ev_rows = [r for r in res["eval"]["rows"] if not r.get("skipped")]
-        seen, bars = set(), []
-        for r in ev_rows:
-            label = f"{r['stage']}\n{r['runtime']}"
-            if label not in seen:
-                seen.add(label)
-                bars.append({"stage": label.replace("\n", " / "), "map50_95": r.get("map50_95"),
-                             "map50": r.get("map50")})
-        figs[f"map_{variant}"] = str(plot_map_per_stage(bars, plots / f"map_per_stage_{variant}.png"))
+        deltas = plot_data[f"map_{variant}"] = stage_deltas(ev_rows)
+        p = plot_map_per_stage(deltas, plots / f"map_per_stage_{variant}.png")
+        if p:
+            figs[f"map_{variant}"] = str(p)
         md += _ptq_section(variant, ptq, cfg, plots, figs, plot_data)
         _curve_and_pr_plots(variant, tr, qat, ev_rows, plots, figs, plot_data)
         md += ["### Latency", "", format_speed_markdown(res["speed"]), ""]

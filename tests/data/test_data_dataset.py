@@ -152,6 +152,28 @@ def test_set_epoch_closes_mosaic_and_reaches_persistent_workers(tmp_path):
     assert not torch.equal(first, want) and torch.equal(closed, want)
 
 
+def test_close_mosaic_never_covers_a_whole_run(tmp_path):
+    """close_mosaic_epochs=5: the last 5 epochs of a 10-epoch run are closed; a run of 5 or fewer
+    epochs keeps mosaic on throughout (the old check closed every epoch of those runs)."""
+    src = make_rect_dataset(tmp_path, n=4, h=64, w=64)
+    ds = DetectionDataset(src, 64, augment=True, hyp=dict(NO_AUG, mosaic=1.0, close_mosaic_epochs=5),
+                          nc=3, verbose=False)
+
+    def closed(total):
+        out = []
+        for e in range(total):
+            ds.set_epoch(e, total)
+            out.append(not ds.mosaic_enabled)
+        return out
+
+    assert closed(10) == [False] * 5 + [True] * 5
+    assert closed(6) == [False] + [True] * 5
+    assert closed(5) == [False] * 5
+    assert closed(3) == [False] * 3
+    ds.set_epoch(2, None)  # no run length known: never closed
+    assert ds.mosaic_enabled
+
+
 def write_bad_dataset(root: Path):
     img_dir, lab_dir = root / "images" / "train", root / "labels" / "train"
     img_dir.mkdir(parents=True)

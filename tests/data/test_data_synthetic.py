@@ -112,3 +112,22 @@ def test_cli_help_and_run(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "s" / "synthetic.yaml").is_file()
     assert len(list((tmp_path / "s" / "images" / "train").glob("*.jpg"))) == 3
+
+
+def test_cli_spec_matches_generate(tmp_path):
+    """--spec KEY=VALUE gives the files generate() writes with the same SyntheticSpec fields
+    (the demo / reference data commands); a bad key stops with one line."""
+    spec = {"min_size": 0.3, "max_objects": 2, "small_fraction": 0.0}
+    r = subprocess.run([sys.executable, str(REPO / "datasets" / "synthetic.py"), "--out", "s",
+                        "--train", "3", "--val", "1", "--size", "64", "--seed", "2", "--workers",
+                        "1", "--spec", *[f"{k}={v}" for k, v in spec.items()]],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    generate(tmp_path / "g", n_train=3, n_val=1, size=64, seed=2, workers=1, **spec)
+    plain = generate(tmp_path / "p", n_train=3, n_val=1, size=64, seed=2, workers=1)
+    labels = lambda root: {k: v for k, v in _files(root).items() if k.startswith("labels")}  # noqa: E731
+    assert labels(tmp_path / "s") == labels(tmp_path / "g") != labels(plain.parent)
+    r = subprocess.run([sys.executable, str(REPO / "datasets" / "synthetic.py"), "--out", "x",
+                        "--spec", "max_objectz=2"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --spec 'max_objectz=2'")
+    assert r.stderr.count("\n") == 1

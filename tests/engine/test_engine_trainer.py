@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine_testutils import TinyDetector, detection_loss, make_cfg, make_loader, weights
-from yolo_q.engine import (CheckpointHook, Hook, NonFiniteLossError, Trainer, load_checkpoint,
-                           resolve_device, seed_everything)
+from yolo_q.engine import (CheckpointHook, Hook, NonFiniteLossError, Trainer, WarmupLRHook,
+                           load_checkpoint, resolve_device, seed_everything)
 from yolo_q.optim import build_optimizer
 
 
@@ -122,6 +122,34 @@ def test_gradient_accumulation():
         total.backward()
     for k, q in ref.named_parameters():
         assert torch.allclose(probe.grads[0][k], q.grad, rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.parametrize("ramp, steps, accs", [
+    (True, [0, 1, 3, 6, 10, 11], [1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 4, 4]),
+    (False, [3, 7, 11], [4] * 12)])
+def test_accumulation_ramps_over_the_warmup(ramp, steps, accs):
+    """nominal 16 / batch 4 (accumulate 4), warm-up 8 iterations, 12 iterations in one epoch:
+    with train.accumulate_warmup the count ramps 1 -> 4 (YOLOv6) and the optimizer steps when a
+    window reaches the count of its current iteration (plus the short last window); without it
+    every window has 4 micro-batches from the start."""
+    cfg = make_cfg(epochs=1, nominal_batch=16, warmup_epochs=0.5, warmup_min_iters=8,
+                   accumulate_warmup=ramp)
+
+    class Probe(Hook):
+        def __init__(self):
+            self.steps, self.accs = [], []
+
+        def before_step(self):
+            self.accs.append(self.trainer.accumulate)
+
+        def before_optimizer_step(self):
+            self.steps.append(self.trainer.iter)
+
+    probe = Probe()
+    tr = make_trainer(cfg, [WarmupLRHook(), probe], n=48)
+    assert tr.iters_per_epoch == 12 and tr.nominal_accumulate == 4
+    tr.train()
+    assert probe.accs == accs and probe.steps == steps
 
 
 def _nan_at(bad_iters, trainer_ref):

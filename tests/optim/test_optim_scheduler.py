@@ -1,6 +1,7 @@
 """Warm-up + per-epoch LR schedule, checked against hand-computed values."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -76,3 +77,14 @@ def test_state_dict_round_trip():
     s2.load_state_dict(s.state_dict())
     assert s2.warmup_iters == 17 and s2.last == (3, 1)
     assert s2.values(3, 1) == s.values(3, 1)
+
+
+def test_warmup_accumulate_ramps_like_yolov6():
+    """The accumulation count is round(interp(it, [0, W], [1, nominal/batch])), >= 1, and the
+    nominal count from the end of the warm-up on (W = 8, nominal 16 / batch 4)."""
+    from yolo_q.optim import warmup_accumulate
+    got = [warmup_accumulate(i, 8, 4.0, 4) for i in range(12)]
+    want = [max(1, int(np.interp(i, [0, 8], [1, 4]).round())) if i < 8 else 4 for i in range(12)]
+    assert got == want == [1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 4, 4]
+    assert [warmup_accumulate(i, 0, 4.0, 4) for i in range(3)] == [4, 4, 4]  # no warm-up
+    assert warmup_accumulate(5, 10, 1.5, 2) == 1 and warmup_accumulate(10, 10, 1.5, 2) == 2

@@ -58,6 +58,11 @@ def test_recipe_config():
     assert q.train.epochs == 30 and q.train.lr0 == pytest.approx(1e-4)
     assert q.train.lrf == 0.01 and q.train.scheduler == "cosine" and q.train.warmup_epochs == 0
     assert q.train.ema is True and q.train.optimizer == "sgd"
+    # float training averages the EMA's BN buffers (YOLOv6); QAT copies its quantizer ranges
+    assert cfg.train.ema_buffers == "average" and q.train.ema_buffers == "copy"
+    from yolo_q.engine import EMAHook, default_hooks
+    assert [h.copy_buffers for h in default_hooks(q) if isinstance(h, EMAHook)] == [True]
+    assert [h.copy_buffers for h in default_hooks(cfg) if isinstance(h, EMAHook)] == [False]
     assert q.train.output_dir == str(F._TMP / "qat")
     assert cfg.train.epochs == 300 and cfg.train.lr0 == 0.01  # the input is not modified
     assert qat_train_config(cfg_for("train.epochs=3")).train.epochs == 1  # at least one

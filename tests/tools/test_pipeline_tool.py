@@ -75,6 +75,11 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     m = {(e["stage"], e["runtime"]): e.get("map50_95") for e in ev}
     assert abs(m[("float", "torch FP32")] - m[("float", "ORT FP32")]) < 0.05
     assert [c["calib"] for c in state["ptq"]["result"]["calib_rows"]] == ["percentile", "max"]
+    # the QAT summary prints its float and PTQ rows: the PTQ stage's numbers, not "-"
+    qat_report = r.stdout[r.stdout.index("QAT report"):].splitlines()
+    for label, key in (("float (teacher)", "float"), ("PTQ (start)", "ptq")):
+        line = next(x for x in qat_report if x.startswith(label))
+        assert f"{100 * state['ptq']['result'][key]['map50_95']:.2f}" in line.split(), line
 
     # report with plots and the resolved config
     report = (out_dir / "report.md").read_text()
@@ -100,6 +105,12 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     curves = rep["plot_data"]["curves_base"]
     assert curves["float"] == [1, 2] and curves["QAT+CWD"] == [3]
     assert "hyper-search" in rep["plot_data"]["curves_repopt"]
+    # the stage plot shows each stage's change vs float torch, in points
+    deltas = rep["plot_data"]["map_base"]
+    assert deltas["float"]["map50_95"] == pytest.approx(100 * m[("float", "torch FP32")])
+    d = {s["stage"]: s["d_map50_95"] for s in deltas["stages"]}
+    assert d["ptq / torch fake-quant"] == pytest.approx(
+        100 * (m[("ptq", "torch fake-quant")] - m[("float", "torch FP32")]))
 
     # a re-run reuses every stage
     r2 = run(repo_root, "--config", cfg, cwd=tmp_path)

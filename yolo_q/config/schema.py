@@ -72,7 +72,9 @@ class AugmentConfig:
     fliplr: float = 0.5
     mosaic: float = 1.0
     mixup: float = 0.0
-    close_mosaic_epochs: int = 15  # mosaic + mixup off for the last N epochs (others stay on)
+    # mosaic + mixup off for the last N epochs (others stay on); only in runs longer than N
+    # epochs, so it never covers a whole run
+    close_mosaic_epochs: int = 15
 
 
 @dataclass
@@ -107,6 +109,9 @@ class TrainConfig:
     epochs: int = 300
     batch_size: int = 32  # per process (per GPU); DDP total = batch_size * world size
     nominal_batch: int = 64  # gradient accumulation target
+    # ramp the accumulation count from 1 to nominal_batch / batch over the warm-up (YOLOv6);
+    # false: nominal_batch / batch from the first step
+    accumulate_warmup: bool = True
     optimizer: str = "sgd"  # sgd | adamw | repopt
     lr0: float = 0.01
     lrf: float = 0.01
@@ -121,6 +126,9 @@ class TrainConfig:
     ema: bool = True
     ema_decay: float = 0.9999
     ema_tau: float = 2000.0
+    # EMA of the BN buffers: average (with the weights, as YOLOv6 / Ultralytics) | copy (from the
+    # live model); QAT always copies (quantizer ranges)
+    ema_buffers: str = "average"
     amp: bool = True  # only takes effect on CUDA
     grad_clip: float = 0.0  # 0 disables
     eval_interval: int = 10
@@ -274,6 +282,7 @@ CHOICES = {
     "model.neck.type": ("RepBiFPANNeck", "CSPRepBiFPANNeck"),
     "train.optimizer": ("sgd", "adamw", "repopt"),
     "train.scheduler": ("cosine", "linear", "constant"),
+    "train.ema_buffers": ("average", "copy"),
     "train.loss.iou_type": ("giou", "ciou", "siou"),
     "train.loss.assigner": ("tal", "atss"),
     "quant.calib": ("max", "percentile", "mse", "entropy"),

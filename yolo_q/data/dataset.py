@@ -54,6 +54,14 @@ def hyp_dict(hyp: Any) -> Dict[str, Any]:
     return out
 
 
+def mosaic_closed(epoch: int, total_epochs: Optional[int], close: int) -> bool:
+    """Whether mosaic/mixup are off in ``epoch`` (0-based): the last ``close`` epochs of a run of
+    ``total_epochs``, only when the run is longer than ``close`` (never the whole run)."""
+    if total_epochs is None or close <= 0 or total_epochs <= close:
+        return False
+    return epoch >= total_epochs - close
+
+
 def verify_image(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
     """Cheap integrity check: header (size), PNG CRCs, and a full decode only for JPEGs that do
     not end with the EOI marker (truncated files). Returns ``((h, w), None)`` or ``(None, why)``."""
@@ -113,8 +121,8 @@ class DetectionDataset(Dataset):
     ``nc``, ``names``, ``bad_report`` (dict, see :meth:`bad_report`).
 
     Epochs: call :meth:`set_epoch` before each epoch. It seeds the augmentation of that epoch
-    and, in the last ``hyp.close_mosaic_epochs`` epochs, switches mosaic and mixup off (the other
-    augmentations stay on, as in YOLOv6). The state lives in shared memory, so it also reaches
+    and, in the last ``hyp.close_mosaic_epochs`` epochs of runs longer than that, switches mosaic
+    and mixup off (the other augmentations stay on, as in YOLOv6; see :func:`mosaic_closed`). The state lives in shared memory, so it also reaches
     persistent DataLoader workers.
     """
 
@@ -299,12 +307,13 @@ class DetectionDataset(Dataset):
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int, total_epochs: Optional[int] = None) -> None:
-        """Seed this epoch's augmentation; mosaic/mixup off when
-        ``epoch >= total_epochs - hyp.close_mosaic_epochs`` (0-based epochs)."""
+        """Seed this epoch's augmentation; mosaic/mixup off in the last ``close`` =
+        ``hyp.close_mosaic_epochs`` epochs (``epoch >= total_epochs - close``, 0-based), and only
+        in runs longer than that (``total_epochs > close``): closing never covers a whole run
+        (the official YOLOv6 check, ``epoch == epochs - close``, never fires in shorter runs)."""
         self._state[0] = int(epoch)
-        close = int(self.hyp.get("close_mosaic_epochs", 0) or 0)
-        self._state[1] = int(not (total_epochs is not None and close > 0
-                                  and epoch >= total_epochs - close))
+        self._state[1] = int(not mosaic_closed(epoch, total_epochs,
+                                               int(self.hyp.get("close_mosaic_epochs", 0) or 0)))
 
     @property
     def epoch(self) -> int:

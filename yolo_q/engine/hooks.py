@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..optim import WarmupScheduler
+from ..optim import WarmupScheduler, warmup_accumulate
 from ..io import atomic_path, save_checkpoint
 from .distributed import broadcast_object, unwrap_model
 
@@ -65,19 +65,34 @@ class Hook:
 # ----------------------------------------------------------------------------- LR schedule
 class WarmupLRHook(Hook):
     """Sets LR/momentum before every step: linear warm-up, then the per-epoch schedule
-    (see :class:`yolo_q.optim.WarmupScheduler`; built from ``cfg.train``)."""
+    (see :class:`yolo_q.optim.WarmupScheduler`; built from ``cfg.train``). With
+    ``accumulate_warmup`` (default ``cfg.train.accumulate_warmup``) it also ramps
+    ``trainer.accumulate`` from 1 to ``nominal_batch / batch`` over the same warm-up
+    (:func:`yolo_q.optim.warmup_accumulate`, as YOLOv6): a pure function of the global
+    iteration and the (checkpointed) warm-up length, so resume stays exact."""
 
-    def __init__(self, scheduler: Optional[WarmupScheduler] = None):
+    def __init__(self, scheduler: Optional[WarmupScheduler] = None,
+                 accumulate_warmup: Optional[bool] = None):
         self.scheduler = scheduler
+        self.accumulate_warmup = accumulate_warmup
+        self.target = 1.0
 
     def register(self, trainer) -> None:
         super().register(trainer)
+        t = trainer.cfg.train
         if self.scheduler is None:
             self.scheduler = WarmupScheduler.from_config(trainer.optimizer, trainer.cfg,
                                                          trainer.iters_per_epoch)
+        if self.accumulate_warmup is None:
+            self.accumulate_warmup = bool(t.get("accumulate_warmup", False))
+        self.target = float(t.nominal_batch) / (float(t.batch_size) * trainer.world_size)
 
     def before_step(self) -> None:
-        self.scheduler.step(self.trainer.iter, self.trainer.epoch)
+        tr = self.trainer
+        self.scheduler.step(tr.iter, tr.epoch)
+        if self.accumulate_warmup:
+            tr.accumulate = warmup_accumulate(tr.iter, self.scheduler.warmup_iters, self.target,
+                                              tr.nominal_accumulate)
 
     def state_dict(self) -> Dict[str, Any]:
         return self.scheduler.state_dict()
@@ -91,12 +106,14 @@ class ModelEMA:
     """Exponential moving average of a model's parameters (YOLOv6 ramp).
 
     After update ``n`` the decay is ``decay * (1 - exp(-n / tau))``, so early updates follow the
-    model closely. Buffers (BN running stats) are copied from the model (``copy_buffers=True``)
-    or averaged like the parameters (``False``, as YOLOv6 does).
+    model closely. Floating-point buffers (BN running stats) are averaged like the parameters
+    (``copy_buffers=False``, as YOLOv6 and Ultralytics do: the statistics then belong to the
+    averaged weights) or copied from the live model (``True``: what QAT needs for its quantizer
+    ranges). Integer buffers (``num_batches_tracked``) are always copied.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0,
-                 updates: int = 0, copy_buffers: bool = True):
+                 updates: int = 0, copy_buffers: bool = False):
         self.decay, self.tau, self.updates = float(decay), float(tau), int(updates)
         self.copy_buffers = copy_buffers
         self.ema = copy.deepcopy(unwrap_model(model)).eval()
@@ -144,9 +161,10 @@ class ModelEMA:
 
 class EMAHook(Hook):
     """Keeps ``trainer.ema`` (a :class:`ModelEMA`), updated after every optimizer step.
-    Its weights are checkpointed by the trainer (``ema``, ``ema_updates``)."""
+    Its weights are checkpointed by the trainer (``ema``, ``ema_updates``). ``copy_buffers``:
+    see :class:`ModelEMA` (config: ``train.ema_buffers`` average | copy)."""
 
-    def __init__(self, decay: float = 0.9999, tau: float = 2000.0, copy_buffers: bool = True):
+    def __init__(self, decay: float = 0.9999, tau: float = 2000.0, copy_buffers: bool = False):
         self.decay, self.tau, self.copy_buffers = decay, tau, copy_buffers
 
     def register(self, trainer) -> None:
@@ -409,7 +427,7 @@ def default_hooks(cfg, evaluate_fn: Optional[EvaluateFn] = None, work_dir=None) 
     t = cfg.train
     hooks: List[Hook] = [ProgressHook(bool(t.progress_bar), t.log_interval), WarmupLRHook()]
     if t.ema:
-        hooks.append(EMAHook(t.ema_decay, t.ema_tau))
+        hooks.append(EMAHook(t.ema_decay, t.ema_tau, copy_buffers=t.ema_buffers == "copy"))
     if evaluate_fn is not None:
         hooks.append(EvalHook(evaluate_fn, t.eval_interval, t.eval_final_epochs))
     if work_dir is not None:

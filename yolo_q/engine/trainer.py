@@ -16,7 +16,7 @@ Loop (see :meth:`Trainer.train`)::
 
 Hook points are the eight names in :attr:`Trainer.HOOK_POINTS`. Hooks read and write trainer
 state: ``model`` (plain module), ``ddp_model`` (what runs the forward), ``optimizer``, ``scaler``,
-``ema``, ``epoch``, ``iter`` (global iteration, 0-based), ``inner_iter``, ``inputs``,
+``ema``, ``epoch``, ``iter`` (global iteration, 0-based), ``inner_iter``, ``accumulate``, ``inputs``,
 ``targets``, ``outputs``, ``extra_losses``, ``loss``, ``loss_parts``, ``step_ok``,
 ``optimizer_stepped``, ``metrics``, ``best_fitness``, ``storage`` (free dict).
 
@@ -35,8 +35,10 @@ Extra top-level checkpoint entries (e.g. QAT's ``quant`` settings) go in
 ``trainer.checkpoint_extras``; per-hook state goes in ``Hook.state_dict``.
 
 Conventions (as YOLOv6): gradients of the micro-batches are summed (not averaged) over
-``accumulate = max(round(nominal_batch / (batch_size * world)), 1)`` and, under DDP, the loss is
-multiplied by the world size (DDP averages); the weight-decay scaling in
+``accumulate`` micro-batches - ``nominal_accumulate = max(round(nominal_batch / (batch_size *
+world)), 1)``, which :class:`~.hooks.WarmupLRHook` ramps up from 1 during the warm-up when
+``train.accumulate_warmup`` (a hook may set ``trainer.accumulate`` in ``before_step``) - and,
+under DDP, the loss is multiplied by the world size (DDP averages); the weight-decay scaling in
 :func:`yolo_q.optim.build_optimizer` compensates. Accumulation windows restart every epoch (a
 short last window steps at the end of the epoch), so checkpoints never hold pending gradients.
 """
@@ -201,7 +203,8 @@ class Trainer:
         if self.iters_per_epoch == 0:
             raise ValueError("train loader is empty (no batches): check data.dataset and "
                              "train.batch_size")
-        self.accumulate = accumulate_steps(t.nominal_batch, t.batch_size, self.world_size)
+        self.nominal_accumulate = accumulate_steps(t.nominal_batch, t.batch_size, self.world_size)
+        self.accumulate = self.nominal_accumulate  # micro-batches per step now (hooks may ramp it)
         self.amp = bool(t.amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         self.grad_clip, self.max_bad_steps = float(t.grad_clip), int(t.max_bad_steps)

@@ -44,6 +44,17 @@ def warmup_iterations(warmup_epochs: float, iters_per_epoch: int, min_iters: int
     return max(round(warmup_epochs * iters_per_epoch), int(min_iters))
 
 
+def warmup_accumulate(iteration: int, warmup_iters: int, target: float, nominal: int) -> int:
+    """Micro-batches per optimizer step at ``iteration`` when accumulation ramps up over the
+    warm-up (YOLOv6): ``round`` of the line from 1 (iteration 0) to ``target`` =
+    ``nominal_batch / (batch * world)`` (iteration ``warmup_iters``), at least 1; ``nominal``
+    (:func:`yolo_q.optim.accumulate_steps`) from the end of the warm-up on. A pure function of
+    the iteration, so a resumed run steps exactly where an uninterrupted one does."""
+    if iteration >= warmup_iters or warmup_iters <= 0:
+        return int(nominal)
+    return max(1, round(1.0 + (float(target) - 1.0) * iteration / warmup_iters))
+
+
 class WarmupScheduler:
     """Sets ``lr`` (and ``momentum`` where the group has one) of every param group.
 

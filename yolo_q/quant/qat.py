@@ -6,7 +6,8 @@ to a copy of the float config:
 
 * ``train.epochs = quant.qat.epochs`` or ``max(1, round(epochs_ratio * train.epochs))`` (10 %);
 * ``train.lr0 = lr_ratio * train.lr0`` (1 %), cosine per epoch down to ``lrf`` (1 %) of that
-  over the QAT epochs (half a period), no warm-up, EMA on (``quant.qat.ema``);
+  over the QAT epochs (half a period), no warm-up, EMA on (``quant.qat.ema``) with its buffers
+  copied (``train.ema_buffers=copy``, see below);
 * RepOptimizer runs become plain SGD (the student is fused: the RepOpt masks no longer apply);
 * outputs under ``quant.qat.output_dir/train.name`` (``runs/qat/<name>``), same files as float
   training (``config.yaml``, ``weights/{last,best}.pt``, ``tensorboard/``, ``results.json``).
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -92,6 +93,7 @@ def qat_train_config(cfg) -> DictConfig:
     t.scheduler = "cosine"
     t.warmup_epochs = 0.0
     t.ema = bool(q.ema)
+    t.ema_buffers = "copy"  # quantizer ranges: the ones the weights are trained with
     t.output_dir = str(q.output_dir)
     if t.optimizer == "repopt":
         t.optimizer = "sgd"
@@ -298,7 +300,7 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
             resume: Optional[str] = None, overrides: Sequence[str] = (),
             extra_hooks: Iterable[Hook] = (), evaluate_start: bool = True,
             integer_check: bool = False, ort_check: bool = False,
-            verbose: bool = True) -> Dict[str, Any]:
+            verbose: bool = True, baseline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Quantization-aware training of the calibrated ``weights`` (a PTQ checkpoint) with the
     float ``teacher`` (required when ``quant.distill.enabled``; otherwise only used for the
     report's float mAP). Returns a summary dict (``run_dir``, ``last``, ``best``, ``float``,
@@ -309,6 +311,8 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
     ``resume``: a QAT ``last.pt``; ``weights``/``teacher`` then default to the ones it records.
     ``extra_hooks``: appended to the trainer's hooks.
     ``evaluate_start``: evaluate teacher and student before training (float / PTQ rows).
+    ``baseline``: ``{"float": metrics, "ptq": metrics}`` already measured by the caller on the
+    same val set (e.g. the pipeline's PTQ stage): used for those rows instead of evaluating.
     ``integer_check``: per-layer max deviation of integer arithmetic on one val batch.
     ``ort_check``: export the best model to QDQ ONNX and evaluate it with ONNX Runtime.
     All inputs are checked before anything is trained or written (:class:`QATError`).
@@ -316,7 +320,7 @@ def run_qat(cfg=None, weights: Optional[str] = None, teacher: Optional[str] = No
     cfg, student_ck, teacher_ck, weights, resume_ck = _read_inputs(cfg, weights, teacher,
                                                                    resume, overrides)
     run = QATRun(cfg, student_ck, teacher_ck, weights, resume, resume_ck, list(extra_hooks),
-                 verbose)
+                 verbose, baseline=dict(baseline or {}))
     dist_info = init_distributed()
     try:
         # CPU: denormals made eval/training steps ~60x slower
@@ -338,6 +342,7 @@ class QATRun:
     resume_ck: Optional[Dict[str, Any]]
     extra_hooks: List[Hook]
     verbose: bool = True
+    baseline: Dict[str, Any] = field(default_factory=dict)  # given float / PTQ metrics
     rank: int = 0
     world: int = 1
 
@@ -394,11 +399,13 @@ def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[st
         if run.verbose:
             _log_start(run_dir, qcfg, run.cfg, state)
     evaluate_fn = make_evaluate_fn(qcfg, val_ds) if run.rank == 0 else (lambda m: {})
-    baseline = dict((run.resume_ck or {}).get("qat", {}).get("baseline") or {})
-    if run.rank == 0 and evaluate_start and not baseline:
-        if teacher is not None:
+    baseline = dict((run.resume_ck or {}).get("qat", {}).get("baseline") or run.baseline)
+    baseline = {k: _scalars(v) for k, v in baseline.items() if v}
+    if run.rank == 0 and evaluate_start:
+        if teacher is not None and "float" not in baseline:
             baseline["float"] = _scalars(evaluate_fn(teacher))
-        baseline["ptq"] = _scalars(evaluate_fn(student))
+        if "ptq" not in baseline:
+            baseline["ptq"] = _scalars(evaluate_fn(student))
     hooks = _qat_hooks(run, qcfg, base_cfg, teacher, evaluate_fn, run_dir, baseline)
     summary = fit(qcfg, student, train_ds, hooks, run_dir, resume=run.resume, device=device,
                   rank=run.rank, world=run.world, reinit=False)

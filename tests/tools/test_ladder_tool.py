@@ -1,0 +1,85 @@
+"""tools/ladder.py end to end on a tiny model: a 1-epoch float checkpoint with its results.csv
+shipped beside it -> the whole ladder -> ladder.json in the schema of issue #16."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from yolo_q.config import load_config
+from yolo_q.data.synthetic import generate
+from yolo_q.ladder import parse_variant
+from yolo_q.training import train
+
+TINY = """\
+_base_: {repo}/configs/yolov6n.yaml
+model: {{nc: 8, width_multiple: 0.125}}
+data: {{dataset: {tmp}/data/synthetic.yaml, img_size: 64, workers: 0, cache_labels: false,
+       augment: {{mosaic: 0.0}}}}
+train: {{epochs: 1, batch_size: 8, nominal_batch: 8, device: cpu, progress_bar: false,
+        tensorboard: false, lr0: 0.02, warmup_epochs: 0, output_dir: {tmp}/runs/train,
+        name: float}}
+eval: {{batch_size: 8}}
+quant: {{calib_batches: 1, sensitivity_images: 8, sensitivity_proxy_images: 4, qat: {{epochs: 1}}}}
+pipeline:
+  output_dir: {tmp}/runs/pipeline
+  synthetic: {{out: {tmp}/data, train: 16, val: 8, size: 64, seed: 1}}
+  calib_methods: [max, percentile]
+  sensitivity_mode: proxy
+  max_drop: 0.3
+  speed_iters: 1
+  speed_batches: [1]
+  eval_batch: 8
+"""
+
+
+def test_ladder_end_to_end(repo_root, tmp_path):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(TINY.format(repo=repo_root, tmp=tmp_path))
+    generate(tmp_path / "data", n_train=16, n_val=8, size=64, seed=1, workers=1)
+    summary = train(load_config(cfg_path), verbose=False)
+    shipped = tmp_path / "ship" / "tiny.pt"
+    shipped.parent.mkdir()
+    shutil.copyfile(summary["last"], shipped)
+    shutil.copyfile(tmp_path / "runs" / "train" / "float" / "results.csv", shipped.with_suffix(".csv"))
+
+    out = tmp_path / "ladder.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(repo_root / "tools" / "ladder.py"), "--quiet",
+                        "--variant", f"repvgg={cfg_path}:{shipped}", "--out", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lad = json.loads(out.read_text())
+    assert lad["data_command"] == (f"python datasets/synthetic.py --out {tmp_path}/data --train 16 "
+                                   f"--val 8 --size 64 --seed 1")
+    assert lad["eval_command"] == f"python tools/eval.py --config {cfg_path} --weights {shipped}"
+    e = lad["variants"]["repvgg"]
+    assert e["float_weights"] == str(shipped) and e["epochs"] == 1 and len(e["curve"]) == 1
+    assert set(e["ptq"]) == {"max", "percentile"}
+    values = [e["float"], *e["ptq"].values(), e["per_tensor"], e["partial"], e["qat"],
+              e["qat_cwd"], e["ort_int8"], e["ort_int8_trt_flavour"]]
+    assert all(isinstance(v, float) and 0.0 <= v <= 100.0 for v in values), e
+    assert e["curve"][-1] == pytest.approx(e["float"], abs=0.01)  # the shipped weights' eval
+    assert isinstance(e["partial_float_layers"], list) and e["val_images"] == 8
+    assert "### repvgg" in r.stdout and "| QAT+CWD |" in r.stdout
+
+    # the eval command reproduces the float row
+    cmd = lad["eval_command"].split()
+    assert cmd[:2] == ["python", "tools/eval.py"]
+    r = subprocess.run([sys.executable, *cmd[1:], "--save-json", str(tmp_path / "m.json")],
+                       cwd=repo_root, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert 100 * m["map50_95"] == pytest.approx(e["float"], abs=0.01)
+
+
+def test_ladder_bad_variant(repo_root, tmp_path):
+    with pytest.raises(ValueError, match="name=config.yaml:weights.pt"):
+        parse_variant("repvgg")
+    r = subprocess.run([sys.executable, str(repo_root / "tools" / "ladder.py"), "--variant",
+                        f"x={repo_root}/configs/demo.yaml:{tmp_path}/missing.pt"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "missing.pt does not exist" in r.stderr
+    assert r.stderr.count("\n") == 1  # one line, no traceback

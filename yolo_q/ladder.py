@@ -1,0 +1,172 @@
+"""The accuracy ladder of a converged float checkpoint (issue #16, item 3): float; PTQ with each
+calibrator (per-channel weights); per-tensor weights; partial quantization; QAT without and
+with channel-wise distillation; ONNX Runtime INT8 of the QAT+CWD model (onnxruntime flavour)
+and of the PTQ model (tensorrt flavour) - all on the same val images - written as one JSON.
+
+It is the pipeline (:class:`yolo_q.pipeline.Pipeline`) run on the given checkpoint
+(``pipeline.float_weights``: no float training) with the QAT comparison run on, plus one
+per-tensor-weights PTQ; the pipeline's settings (calibrators, ``max_drop``, flavours, QAT
+epochs) come from the variant's config. Each variant runs in its own pipeline directory
+(``<pipeline.output_dir>/ladder_<name>``), so an interrupted ladder continues where it stopped.
+
+``ladder.json``::
+
+    {"data_command": ..., "eval_command": ...,
+     "variants": {"repvgg": {"float_weights", "config", "epochs", "curve", "float",
+                             "ptq": {calibrator: mAP}, "per_tensor", "partial",
+                             "partial_float_layers", "qat", "qat_cwd", "ort_int8",
+                             "ort_int8_trt_flavour", "regime", "val_images"}, ...}}
+
+mAP50-95 in % (2 decimals); ``curve``: the val mAP of every evaluated epoch, read from the
+training's ``results.csv`` shipped beside the checkpoint (``<weights stem>.csv``; empty when
+absent).
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .config import copy_config, resolve_config
+from .engine.hooks import read_results_csv
+from .io import read_checkpoint_any, write_json
+from .pipeline import Pipeline
+from .quant.ptq import run_ptq
+from .quant.qat import qat_epochs
+
+__all__ = ["LadderVariant", "data_command", "ladder_entry", "run_ladder"]
+
+# the ladder's pipeline settings that the variant config cannot turn off
+FORCED = ["pipeline.variants=[base]", "pipeline.qat=true", "pipeline.qat_distill=true",
+          "pipeline.qat_compare_no_distill=true", "pipeline.flavours=[onnxruntime,tensorrt]"]
+
+
+@dataclass
+class LadderVariant:
+    name: str  # e.g. repvgg, repopt
+    config: str  # the variant's (reference) config
+    weights: str  # its float checkpoint
+
+
+def _pct(v: Optional[float]) -> Optional[float]:
+    return None if v is None else round(100.0 * float(v), 2)
+
+
+def data_command(cfg) -> str:
+    """The ``datasets/synthetic.py`` command that regenerates ``cfg.pipeline.synthetic``."""
+    syn = cfg.pipeline.synthetic
+    if syn is None:
+        raise ValueError("ladder: the config has no pipeline.synthetic section; pass the data "
+                         "command explicitly")
+    spec = " ".join(f"{k}={v}" for k, v in (syn.spec or {}).items())
+    return (f"python datasets/synthetic.py --out {syn.out} --train {syn.train} --val {syn.val} "
+            f"--size {syn.size} --seed {syn.seed}" + (f" --spec {spec}" if spec else ""))
+
+
+def _curve(weights: str) -> Dict[str, Any]:
+    csv = Path(weights).with_suffix(".csv")
+    if not csv.is_file():
+        ck = read_checkpoint_any(weights)
+        return {"epochs": int(ck.get("epoch", -1)) + 1 if "epoch" in ck else None, "curve": []}
+    rows = read_results_csv(csv)
+    return {"epochs": int(rows[-1]["epoch"]) if rows else None,
+            "curve": [_pct(r["map50_95"]) for r in rows if r.get("map50_95") is not None]}
+
+
+def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dict[str, Any]:
+    """One variant's ladder row from its pipeline results (``Pipeline.run()['results']['base']``)
+    and the per-tensor PTQ summary."""
+    rows = {(r["stage"], r["runtime"]): r for r in result["eval"]["rows"] if not r.get("skipped")}
+
+    def m(stage, runtime):
+        r = rows.get((stage, runtime))
+        return _pct(r["map50_95"]) if r else None
+
+    ptq = result["ptq"]
+    q = cfg.quant
+    return {
+        "float": m("float", "torch FP32"),
+        "ptq": {c["calib"]: _pct(c["map50_95"]) for c in ptq["calib_rows"]},
+        "per_tensor": _pct(per_tensor["ptq"]["map50_95"]),
+        "partial": _pct((ptq.get("partial") or {}).get("map50_95")),
+        "partial_float_layers": list(ptq.get("skip_layers") or []),
+        "qat": m("qat", "torch fake-quant"),
+        "qat_cwd": m("qat+cwd", "torch fake-quant"),
+        "ort_int8": m("qat+cwd", "ORT INT8 (onnxruntime flavour)"),
+        "ort_int8_trt_flavour": m("ptq", "ORT INT8 (tensorrt flavour)"),
+        "regime": (f"INT8 {'per-channel' if q.per_channel_weights else 'per-tensor'} weights, "
+                   f"per-tensor activations, {'float' if q.high_precision_outputs else 'INT8'} "
+                   f"head outputs; partial at max_drop {cfg.pipeline.max_drop}; QAT "
+                   f"{qat_epochs(cfg)} epoch(s)"),
+        "val_images": int(rows[("float", "torch FP32")].get("images") or 0)
+        if ("float", "torch FP32") in rows else None,
+    }
+
+
+def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool) -> Dict[str, Any]:
+    cfg = resolve_config(v.config, list(overrides) + FORCED + [
+        f"pipeline.float_weights={v.weights}", f"pipeline.name=ladder_{v.name}"])
+    res = Pipeline(cfg, verbose=verbose).run()["results"]["base"]
+    p = cfg.pipeline
+    calib = str(p.calib_methods[0]) if p.calib_methods else str(cfg.quant.calib)
+    pt_dir = Path(p.output_dir) / p.name / "per_tensor"
+    per_tensor = run_ptq(copy_config(cfg), res["train"]["weights"], calib=calib,
+                         per_tensor_weights=True, run_dir=pt_dir, out=pt_dir / "ptq.pt",
+                         eval_images=p.eval_images, progress=False, verbose=False)
+    entry = {"float_weights": str(v.weights), "config": str(v.config), **_curve(v.weights),
+             **ladder_entry(res, per_tensor, cfg)}
+    return entry
+
+
+def run_ladder(variants: Sequence[LadderVariant], out: str, overrides: Sequence[str] = (),
+               data_cmd: Optional[str] = None, verbose: bool = True) -> Dict[str, Any]:
+    """Run the ladder of every variant and write ``out`` (see the module docstring). The
+    ``eval_command`` evaluates the first variant's checkpoint with its config."""
+    if not variants:
+        raise ValueError("ladder: no variants given")
+    for v in variants:
+        for what, path in (("config", v.config), ("weights", v.weights)):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"ladder: {v.name}: {what} {path} does not exist")
+    first = variants[0]
+    cfg0 = resolve_config(first.config, overrides)
+    ov = " ".join(shlex.quote(o) for o in overrides)
+    result: Dict[str, Any] = {
+        "data_command": data_cmd or data_command(cfg0),
+        "eval_command": (f"python tools/eval.py --config {first.config} --weights "
+                         f"{first.weights}" + (f" {ov}" if ov else "")),
+        "variants": {}}
+    for v in variants:
+        result["variants"][v.name] = _run_variant(v, overrides, verbose)
+        write_json(out, result)  # after every variant: a partial ladder is kept
+    return result
+
+
+def parse_variant(spec: str) -> LadderVariant:
+    """``name=config.yaml:weights.pt`` -> :class:`LadderVariant`."""
+    name, sep, rest = spec.partition("=")
+    config, sep2, weights = rest.partition(":")
+    if not (sep and sep2 and name and config and weights):
+        raise ValueError(f"--variant {spec!r}: expected name=config.yaml:weights.pt")
+    return LadderVariant(name, config, weights)
+
+
+def format_ladder(result: Dict[str, Any]) -> str:
+    """One markdown table per variant."""
+    out: List[str] = []
+    for name, e in result["variants"].items():
+        out += [f"### {name} ({e['float_weights']}, {e.get('epochs')} epochs; {e['regime']})", "",
+                "| model | mAP50-95 | Δ vs float |", "|---|---:|---:|"]
+        ref = e["float"]
+        rows = [("float", ref)] + [(f"PTQ {c}", v) for c, v in e["ptq"].items()] + [
+            ("PTQ per-tensor weights", e["per_tensor"]),
+            (f"partial PTQ ({len(e['partial_float_layers'])} float)", e["partial"]),
+            ("QAT", e["qat"]), ("QAT+CWD", e["qat_cwd"]),
+            ("QAT+CWD, ORT INT8 (onnxruntime flavour)", e["ort_int8"]),
+            ("PTQ, ORT INT8 (tensorrt flavour)", e["ort_int8_trt_flavour"])]
+        for label, v in rows:
+            d = "" if v is None or ref is None or label == "float" else f"{v - ref:+.2f}"
+            out.append(f"| {label} | {'' if v is None else f'{v:.2f}'} | {d} |")
+        out.append("")
+    return "\n".join(out)
