@@ -97,72 +97,94 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
     if out:  # before anything is loaded or calibrated
         check_output_file(out, [] if isinstance(weights, torch.nn.Module) else [weights],
                           what="ONNX output")
-    if isinstance(weights, torch.nn.Module):
-        model, has_quant = weights.eval(), is_quantized(weights)
-        src = "model"
-    else:
-        model = load_model(weights, cfg, stored_config_first=True)
-        has_quant = is_quantized(model)
-        src = str(weights)
-    _check_nc_with_data(model, cfg, src)
+    model, has_quant, src = _export_source(cfg, weights)
     model_flavour = quant_state(model)["flavour"] if has_quant else None
     flavour = flavour or model_flavour or "float"
     if flavour not in EXPORT_FLAVOURS:
         raise ExportError(f"--flavour must be one of {', '.join(EXPORT_FLAVOURS)}, got {flavour!r}")
     img_size = int(img_size or cfg.data.img_size)
-    dynamic = bool(e.dynamic_batch if dynamic is None else dynamic)
-    opset = int(e.opset if opset is None else opset)
-    simplify_arg = simplify
-    simplify = bool(e.simplify if simplify is None else simplify)
-    end2end = bool(e.end2end if end2end is None else end2end)
-    nms = nms or "onnx"
     out = Path(out) if out else default_output(src if src != "model" else "model.pt", flavour,
                                                img_size, fp16)
     check_output_file(out, [src] if src != "model" else [], what="ONNX output")  # default
-    e2e = dict(end2end=end2end, nms=nms, conf_thres=float(e.conf_thres),
-               iou_thres=float(e.iou_thres), max_det=int(e.max_det))
-    meta = {"source": Path(src).name, "flavour": flavour}
-    names = _names(cfg)
-    if names:
-        meta["names"] = json.dumps(names)
+    common = dict(img_size=img_size, batch=batch,
+                  opset=int(e.opset if opset is None else opset),
+                  dynamic_batch=bool(e.dynamic_batch if dynamic is None else dynamic),
+                  metadata=_export_metadata(cfg, src, flavour),
+                  end2end=bool(e.end2end if end2end is None else end2end), nms=nms or "onnx",
+                  conf_thres=float(e.conf_thres), iou_thres=float(e.iou_thres),
+                  max_det=int(e.max_det))
     calibrated_here = False
     if flavour == "float":
-        if has_quant:  # same (QAT/PTQ) weights, quantizers off: a float graph
-            model = copy.deepcopy(model)
-            set_quant_enabled(model, False)
-            fuse = False
-        else:
-            fuse = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-        export_onnx(model, out, img_size=img_size, batch=batch, opset=opset,
-                    dynamic_batch=dynamic, simplify=simplify, fuse=fuse, metadata=meta, **e2e)
+        _export_float(model, has_quant, out, bool(e.simplify if simplify is None else simplify),
+                      common)
     else:
         if has_quant and model_flavour != flavour:
             raise ExportError(f"{src} was quantized for the '{model_flavour}' flavour; export "
                               f"it with --flavour {model_flavour} (or --flavour float), or "
                               f"re-run tools/ptq.py with quant.flavour={flavour}")
         if not has_quant:
-            if calib_images is None:
-                raise ExportError(f"{src} is a float checkpoint: --flavour {flavour} needs a "
-                                  f"quantized one (run tools/ptq.py first), or pass "
-                                  f"--calib-images DIR for a quick max-calibration PTQ")
-            fused = copy.deepcopy(model)
-            if any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()):
-                fused.fuse()
-            batches = image_batches(calib_images, img_size, calib_batch, limit=calib_num)
-            model = quick_ptq(fused, cfg, flavour, batches, method=calib_method)
+            model = _quick_calibrated(model, cfg, src, flavour, img_size, calib_images,
+                                      calib_num, calib_method, calib_batch, common["metadata"])
             calibrated_here = True
-            meta["calibration"] = f"{calib_method} on {Path(str(calib_images)).name}"
         # QDQ graphs are simplified only on request (a simplifier may fold weight Q/DQ pairs)
-        export_qdq(model, out, flavour=flavour, img_size=img_size, batch=batch, opset=opset,
-                   dynamic_batch=dynamic, simplify=bool(simplify_arg), metadata=meta,
-                   ort_weights=str(e.ort_weights), **e2e)
+        export_qdq(model, out, flavour=flavour, simplify=bool(simplify),
+                   ort_weights=str(e.ort_weights), **common)
     if fp16:
-        tmp = out.with_name(out.stem + ".fp32.tmp.onnx")
-        os.replace(out, tmp)
-        try:
-            write_fp16(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    info = onnx_info(out)
+        _rewrite_fp16(out)
     return {"path": str(out), "flavour": flavour, "quantized": flavour != "float",
-            "calibrated_here": calibrated_here, "fp16": fp16, "info": info}
+            "calibrated_here": calibrated_here, "fp16": fp16, "info": onnx_info(out)}
+
+
+def _export_source(cfg, weights):
+    """``(model, has_quant, source name)`` of a checkpoint path or a model, nc checked."""
+    if isinstance(weights, torch.nn.Module):
+        model, src = weights.eval(), "model"
+    else:
+        model, src = load_model(weights, cfg, stored_config_first=True), str(weights)
+    _check_nc_with_data(model, cfg, src)
+    return model, is_quantized(model), src
+
+
+def _export_metadata(cfg, src: str, flavour: str) -> Dict[str, str]:
+    meta = {"source": Path(src).name, "flavour": flavour}
+    names = _names(cfg)
+    if names:
+        meta["names"] = json.dumps(names)
+    return meta
+
+
+def _export_float(model, has_quant: bool, out: Path, simplify: bool, common) -> None:
+    """A float graph: a float model (fused here if needed), or a quantized one with its
+    quantizers off (the same QAT/PTQ weights)."""
+    if has_quant:
+        model = copy.deepcopy(model)
+        set_quant_enabled(model, False)
+        fuse = False
+    else:
+        fuse = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    export_onnx(model, out, simplify=simplify, fuse=fuse, **common)
+
+
+def _quick_calibrated(model, cfg, src: str, flavour: str, img_size: int, calib_images,
+                      calib_num: int, calib_method: str, calib_batch: int, meta) -> torch.nn.Module:
+    """A float model quick-PTQ'd on ``calib_images`` (``--calib-images``) for ``flavour``."""
+    if calib_images is None:
+        raise ExportError(f"{src} is a float checkpoint: --flavour {flavour} needs a "
+                          f"quantized one (run tools/ptq.py first), or pass "
+                          f"--calib-images DIR for a quick max-calibration PTQ")
+    fused = copy.deepcopy(model)
+    if any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()):
+        fused.fuse()
+    batches = image_batches(calib_images, img_size, calib_batch, limit=calib_num)
+    meta["calibration"] = f"{calib_method} on {Path(str(calib_images)).name}"
+    return quick_ptq(fused, cfg, flavour, batches, method=calib_method)
+
+
+def _rewrite_fp16(out: Path) -> None:
+    """``out`` rewritten in place to FP16 (:func:`yolo_q.export.fp16.write_fp16`)."""
+    tmp = out.with_name(out.stem + ".fp32.tmp.onnx")
+    os.replace(out, tmp)
+    try:
+        write_fp16(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
