@@ -57,6 +57,8 @@ def test_speed_subcommand(repo_root, tmp_path, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     rows = ["torch_eager", "torch_fused", "ort_fp32", "ort_int8_onnxruntime", "ort_quantize_static"]
+    if importlib.util.find_spec("openvino") is not None:
+        rows += ["ov_fp32", "ov_int8_onnxruntime"]
     out = tmp_path / "speed.json"
     assert tool.main(["speed", *TINY, "--imgsz", "64", "--batch", "1", "2", "--iters", "2",
                       "--iters-large", "2", "--warmup", "1", "--calib-num", "4", "--rows", *rows,
@@ -70,6 +72,12 @@ def test_speed_subcommand(repo_root, tmp_path, capsys):
         assert r["p90_ms"] >= r["median_ms"] and r["iters"] == 2
         if r["row"] == "ort_fp32":
             assert r["speedup_vs_ort_fp32"] == pytest.approx(1.0)
+        # speed-ups against the fastest FP32 row of the same batch
+        fp32 = [x for x in res["rows"] if x["batch"] == r["batch"] and
+                x["row"] in ("torch_eager", "torch_fused", "ort_fp32", "ov_fp32")]
+        best = min(fp32, key=lambda x: x["median_ms"])
+        assert r["fastest_fp32"] == best["row"]
+        assert r["speedup_vs_fastest_fp32"] == pytest.approx(best["median_ms"] / r["median_ms"])
     ours = next(r for r in res["rows"] if r["row"] == "ort_int8_onnxruntime")["ort_graph_ops"]
     # ONNX Runtime fused our Q/DQ placement into integer convolutions
     assert ours["QLinearConv"] > 2 * ours["Conv"]
