@@ -34,6 +34,7 @@ from .eval.backends import (TorchBackend, TrtBackend, build_backend, load_deploy
                             openvino_missing)
 from .eval.coco import COCOEvaluator
 from .eval.runner import evaluate
+from .config import copy_config
 from .export.api import quick_ptq
 from .export.onnx import export_onnx, shared_initializers
 from .export.qdq import export_qdq, ort_optimized_op_counts, resolve_ort_weights
@@ -390,6 +391,10 @@ def _nncf_missing() -> Optional[str]:
 
 
 _OV = ("openvino", {})
+# our QDQ exports: variant -> flavour; "onnxruntime_post" is the onnxruntime flavour with
+# quant.preact_output=false (SiLU outputs quantized after the activation)
+QDQ_VARIANTS = {"onnxruntime": "onnxruntime", "onnxruntime_post": "onnxruntime",
+                "tensorrt": "tensorrt"}
 RUNTIMES: Dict[str, Runtime] = {
     "torch_eager": Runtime("torch FP32 eager (unfused)", None, _torch_runner("eager"), True,
                            backend=None),
@@ -402,6 +407,8 @@ RUNTIMES: Dict[str, Runtime] = {
                                     _ort_runner()),
     "ort_int8_onnxruntime_default": Runtime("ORT INT8 ours (onnxruntime fl.), ORT defaults",
                                             "ort_int8_onnxruntime", _ort_runner(defaults=True)),
+    "ort_int8_onnxruntime_post": Runtime("ORT INT8 ours (onnxruntime fl., Q after SiLU)",
+                                         "ort_int8_onnxruntime_post", _ort_runner()),
     "ort_int8_tensorrt": Runtime("ORT INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
                                  _ort_runner()),
     "ort_quantize_static": Runtime("ORT INT8 quantize_static (reference)", "ort_quantize_static",
@@ -409,6 +416,9 @@ RUNTIMES: Dict[str, Runtime] = {
     "ov_int8_onnxruntime": Runtime("OpenVINO INT8 ours (onnxruntime flavour)",
                                    "ort_int8_onnxruntime", _ov_runner(), False, openvino_missing,
                                    _OV),
+    "ov_int8_onnxruntime_post": Runtime("OpenVINO INT8 ours (onnxruntime fl., Q after SiLU)",
+                                        "ort_int8_onnxruntime_post", _ov_runner(), False,
+                                        openvino_missing, _OV),
     "ov_int8_tensorrt": Runtime("OpenVINO INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
                                 _ov_runner(), False, openvino_missing, _OV),
     "ov_quantize_static": Runtime("OpenVINO INT8 quantize_static", "ort_quantize_static",
@@ -589,19 +599,21 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
                                f"weights/biases, e.g. an untrained model): quantize_static "
                                f"cannot quantize those per layer")
     needed = {bench.runtimes[r].onnx for r in rows}
-    for flavour in ("onnxruntime", "tensorrt"):
-        key = f"ort_int8_{flavour}"
+    for variant, flavour in QDQ_VARIANTS.items():
+        key = f"ort_int8_{variant}"
         if key not in needed:
             continue
-        qm = bench.qmodels.get(flavour)
+        qm = bench.qmodels.get(variant)
         if qm is None:
-            bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {flavour} "
+            bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {variant} "
                       f"flavour ...")
-            qm = quick_ptq(bench.fused, cfg, flavour, bench.calib_batches, method=calib_method)
-            bench.qmodels[flavour] = qm
-            bench.notes.append(f"INT8 {flavour} flavour: quick PTQ ({calib_method} calibration "
+            vcfg = copy_config(cfg, ["quant.preact_output=false"]) if variant.endswith("_post") \
+                else cfg
+            qm = quick_ptq(bench.fused, vcfg, flavour, bench.calib_batches, method=calib_method)
+            bench.qmodels[variant] = qm
+            bench.notes.append(f"INT8 {variant} flavour: quick PTQ ({calib_method} calibration "
                                f"on {len(bench.calib_batches)} batches of {bench.calib_src})")
-        files[key] = export_qdq(qm, bench.work / f"int8_{flavour}.onnx", flavour=flavour,
+        files[key] = export_qdq(qm, bench.work / f"int8_{variant}.onnx", flavour=flavour,
                                 img_size=bench.img_size, dynamic_batch=True,
                                 ort_weights=str(cfg.export.ort_weights))
         if flavour == "onnxruntime":
