@@ -391,10 +391,13 @@ def _nncf_missing() -> Optional[str]:
 
 
 _OV = ("openvino", {})
-# our QDQ exports: variant -> flavour; "onnxruntime_post" is the onnxruntime flavour with
-# quant.preact_output=false (SiLU outputs quantized after the activation)
-QDQ_VARIANTS = {"onnxruntime": "onnxruntime", "onnxruntime_post": "onnxruntime",
-                "tensorrt": "tensorrt"}
+# our QDQ exports: variant -> (flavour, config overrides): "onnxruntime_post" quantizes SiLU
+# outputs after the activation (the conv stays float in ORT), "onnxruntime_int8out" also
+# quantizes the prediction convs' outputs (no high-precision outputs: every conv integer)
+QDQ_VARIANTS = {"onnxruntime": ("onnxruntime", []),
+                "onnxruntime_post": ("onnxruntime", ["quant.preact_output=false"]),
+                "onnxruntime_int8out": ("onnxruntime", ["quant.high_precision_outputs=false"]),
+                "tensorrt": ("tensorrt", [])}
 RUNTIMES: Dict[str, Runtime] = {
     "torch_eager": Runtime("torch FP32 eager (unfused)", None, _torch_runner("eager"), True,
                            backend=None),
@@ -409,6 +412,8 @@ RUNTIMES: Dict[str, Runtime] = {
                                             "ort_int8_onnxruntime", _ort_runner(defaults=True)),
     "ort_int8_onnxruntime_post": Runtime("ORT INT8 ours (onnxruntime fl., Q after SiLU)",
                                          "ort_int8_onnxruntime_post", _ort_runner()),
+    "ort_int8_onnxruntime_int8out": Runtime("ORT INT8 ours (onnxruntime fl., INT8 outputs)",
+                                            "ort_int8_onnxruntime_int8out", _ort_runner()),
     "ort_int8_tensorrt": Runtime("ORT INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
                                  _ort_runner()),
     "ort_quantize_static": Runtime("ORT INT8 quantize_static (reference)", "ort_quantize_static",
@@ -419,6 +424,9 @@ RUNTIMES: Dict[str, Runtime] = {
     "ov_int8_onnxruntime_post": Runtime("OpenVINO INT8 ours (onnxruntime fl., Q after SiLU)",
                                         "ort_int8_onnxruntime_post", _ov_runner(), False,
                                         openvino_missing, _OV),
+    "ov_int8_onnxruntime_int8out": Runtime("OpenVINO INT8 ours (onnxruntime fl., INT8 outputs)",
+                                           "ort_int8_onnxruntime_int8out", _ov_runner(), False,
+                                           openvino_missing, _OV),
     "ov_int8_tensorrt": Runtime("OpenVINO INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
                                 _ov_runner(), False, openvino_missing, _OV),
     "ov_quantize_static": Runtime("OpenVINO INT8 quantize_static", "ort_quantize_static",
@@ -599,7 +607,7 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
                                f"weights/biases, e.g. an untrained model): quantize_static "
                                f"cannot quantize those per layer")
     needed = {bench.runtimes[r].onnx for r in rows}
-    for variant, flavour in QDQ_VARIANTS.items():
+    for variant, (flavour, overrides) in QDQ_VARIANTS.items():
         key = f"ort_int8_{variant}"
         if key not in needed:
             continue
@@ -607,8 +615,7 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
         if qm is None:
             bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {variant} "
                       f"flavour ...")
-            vcfg = copy_config(cfg, ["quant.preact_output=false"]) if variant.endswith("_post") \
-                else cfg
+            vcfg = copy_config(cfg, overrides) if overrides else cfg
             qm = quick_ptq(bench.fused, vcfg, flavour, bench.calib_batches, method=calib_method)
             bench.qmodels[variant] = qm
             bench.notes.append(f"INT8 {variant} flavour: quick PTQ ({calib_method} calibration "
