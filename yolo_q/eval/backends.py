@@ -243,7 +243,7 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
     every thread on one request; what a synchronous call of one batch wants) or THROUGHPUT
     (several streams, for parallel requests), ``precision`` of the non-INT8 layers (``f32``
     by default; OpenVINO itself would pick bf16 on CPUs with AMX/AVX512-BF16, which is faster
-    but no longer FP32-exact), ``batch``: reshape a dynamic batch to this static size (static
+    but no longer FP32-exact; None leaves OpenVINO's default), ``batch``: reshape a dynamic batch to this static size (static
     shapes compile to faster kernels). A QDQ ONNX runs its quantized layers in INT8 (OpenVINO's
     low-precision transformations fuse the Q/DQ pairs into integer convolutions)."""
     why = openvino_missing()
@@ -253,7 +253,7 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
     hint = str(hint).upper()
     if hint not in OV_HINTS:
         raise ValueError(f"OpenVINO hint must be one of {', '.join(OV_HINTS)}, got {hint!r}")
-    if precision not in OV_PRECISIONS:
+    if precision is not None and precision not in OV_PRECISIONS:
         raise ValueError(f"OpenVINO precision must be one of {', '.join(OV_PRECISIONS)}, "
                          f"got {precision!r}")
     core = ov.Core()
@@ -267,8 +267,9 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
         shape[0] = int(batch)
         model.reshape({model.input(0).get_any_name(): shape})
     props = ov.properties
-    config = {props.hint.performance_mode: getattr(props.hint.PerformanceMode, hint),
-              props.hint.inference_precision: getattr(ov.Type, precision)}
+    config = {props.hint.performance_mode: getattr(props.hint.PerformanceMode, hint)}
+    if precision is not None:  # None: OpenVINO's default for this CPU
+        config[props.hint.inference_precision] = getattr(ov.Type, precision)
     if threads:
         config[props.inference_num_threads] = int(threads)
     return core.compile_model(model, "CPU", config)
@@ -281,7 +282,7 @@ class OvBackend(Backend):
     kind = "openvino"
 
     def __init__(self, onnx_path: PathLike, threads: Optional[int] = None, hint: str = "LATENCY",
-                 precision: str = "f32"):
+                 precision: Optional[str] = "f32"):
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: ONNX model not found")
