@@ -75,11 +75,11 @@ def cpu_info() -> Dict[str, Any]:
                 flags = set(val.split())
                 break
     versions = {"torch": torch.__version__}
-    try:
-        import onnxruntime
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for pkg in ("onnxruntime", "openvino", "nncf"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except (ImportError, AttributeError):
+            pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"model": model, "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
             "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in load] if load else None,
