@@ -1,6 +1,9 @@
 """Speed benchmarks (recorded under benchmarks/; never asserted in tests).
 
-Inference latency/throughput of every runtime, round-robin in one run, speed-ups vs ONNX Runtime FP32:
+Inference latency/throughput of every runtime (torch, ONNX Runtime with our session options and
+with its defaults, OpenVINO, NNCF, quantize_static, TensorRT where present), round-robin in one
+run, speed-ups vs ONNX Runtime FP32 and vs the fastest FP32 row, mAP with --val
+(CPU INT8 comparison: see benchmarks/cpu_int8.md):
     python tools/benchmark.py speed --config configs/yolov6n.yaml --imgsz 640 --batch 1 32 --threads 2
     python tools/benchmark.py speed --config configs/demo.yaml --weights runs/train/demo/weights/best.pt \
         --quant-weights runs/ptq/exp/ptq.pt --calib data/synthetic/images/val --json speed.json
@@ -19,7 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep 
 import argparse  # noqa: E402
 
 from yolo_q.benchmark import (DEFAULT_ROWS, format_speed_markdown, format_speed_table,
-                              format_train_table, speed_benchmark, train_benchmark)  # noqa: E402
+                              format_train_table, parse_extra_onnx, speed_benchmark,
+                              train_benchmark)  # noqa: E402
 from yolo_q.cli import config_from_args, run_tool  # noqa: E402
 from yolo_q.io import check_output_dir, check_output_file, write_json  # noqa: E402
 
@@ -57,6 +61,13 @@ def get_args_parser():
                    help="let ONNX Runtime's idle threads busy-wait (ORT default; off here so they "
                         "do not slow the torch rows interleaved with them)")
     s.add_argument("--work-dir", default=None, help="keep the exported ONNX files here")
+    s.add_argument("--extra-onnx", nargs="*", default=[], metavar="NAME=PATH",
+                   help="ONNX files quantized elsewhere (e.g. benchmarks/modelopt_int8.py), "
+                        "timed in ONNX Runtime and OpenVINO")
+    s.add_argument("--val", nargs="?", const=True, default=None, metavar="DATA_YAML",
+                   help="also measure each row's COCO mAP50-95 on this data YAML's val images "
+                        "(no value: the config's data.dataset)")
+    s.add_argument("--val-images", type=int, default=None, help="first N val images only")
     s.add_argument("--markdown", action="store_true", help="also print a markdown table")
     t = sub.add_parser("train", help="training-step images/s",
                        description="Training step (forward + loss + backward + SGD) images/s.")
@@ -95,7 +106,9 @@ def main(argv=None):
                               warmup=args.warmup, iters=args.iters, iters_large=args.iters_large,
                               rows=args.rows, calib=args.calib, calib_num=args.calib_num,
                               calib_method=args.calib_method, work_dir=args.work_dir,
-                              seed=args.seed, ort_spin=args.ort_spin)
+                              seed=args.seed, ort_spin=args.ort_spin,
+                              extra_onnx=parse_extra_onnx(args.extra_onnx), val=args.val,
+                              val_images=args.val_images)
         print(format_speed_table(res))
         if args.markdown:
             print(format_speed_markdown(res))

@@ -2,6 +2,7 @@
 
     python tools/infer.py --weights runs/train/demo/weights/best.pt --source data/synthetic/images/val
     python tools/infer.py --onnx best_int8_onnxruntime_320.onnx --source clip.mp4 --out runs/infer/clip
+    python tools/infer.py --openvino best_int8_onnxruntime_320.onnx --source data/synthetic/images/val
     python tools/infer.py --trt model_int8.onnx --source img.jpg --conf 0.4
 
 Writes to --out (default runs/infer/<source stem>): the images with boxes (same file names) or
@@ -25,6 +26,8 @@ def get_args_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="torch checkpoint: float, PTQ/QAT (fake-quant) or official")
     src.add_argument("--onnx", help="ONNX file run by ONNX Runtime (FP32 or QDQ INT8)")
+    src.add_argument("--openvino", metavar="ONNX",
+                     help="ONNX file run by OpenVINO on CPU (FP32 or QDQ INT8; pip install openvino)")
     src.add_argument("--trt", metavar="ENGINE|ONNX", help="TensorRT engine, or ONNX to build one")
     p.add_argument("--source", "-s", required=True,
                    help="image, folder, .txt list, glob or video file")
@@ -36,7 +39,7 @@ def get_args_parser():
     p.add_argument("--max-det", type=int, default=300)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="keep these class ids")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime / OpenVINO threads")
     p.add_argument("--max-frames", type=int, default=None, help="video: stop after N frames")
     p.add_argument("--no-save", action="store_true", help="only write detections.json")
     return p
@@ -45,7 +48,8 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_intermixed_args(argv)
     cfg = config_from_args(args)
-    backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads)
+    backend, source, kw = backend_from_args(args.weights, args.onnx, args.trt, args.threads,
+                                            args.openvino)
     out = args.out or str(Path("runs/infer") / (Path(args.source).stem or "source"))
     res = run_inference(cfg, backend, source, args.source, out, img_size=args.imgsz,
                         conf_thres=args.conf, iou_thres=args.iou, max_det=args.max_det,

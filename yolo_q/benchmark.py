@@ -29,7 +29,12 @@ import torch
 
 from .data.images import image_batches
 from .engine.session import build_optimizer_for
-from .eval.backends import TrtBackend, load_deploy_trt
+from .eval.api import val_loader_for
+from .eval.backends import (TorchBackend, TrtBackend, build_backend, load_deploy_trt, ov_compile,
+                            openvino_missing)
+from .eval.coco import COCOEvaluator
+from .eval.runner import evaluate
+from .config import copy_config
 from .export.api import quick_ptq
 from .export.onnx import export_onnx, shared_initializers
 from .export.qdq import export_qdq, ort_optimized_op_counts, resolve_ort_weights
@@ -70,11 +75,11 @@ def cpu_info() -> Dict[str, Any]:
                 flags = set(val.split())
                 break
     versions = {"torch": torch.__version__}
-    try:
-        import onnxruntime
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for pkg in ("onnxruntime", "openvino", "nncf"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except (ImportError, AttributeError):
+            pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"model": model, "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
             "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in load] if load else None,
@@ -238,13 +243,17 @@ def format_train_table(res: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------ inference
-def _ort_session(path, threads: int, spin: bool = False):
+def _ort_session(path, threads: int, spin: bool = False, defaults: bool = False):
     """A CPU session with ``threads`` intra-op threads. ``spin=False`` stops ORT's idle
     threads from busy-waiting after each run, which would steal the cores from the torch rows
-    that run next in the round-robin (and from other processes on a shared machine)."""
+    that run next in the round-robin (and from other processes on a shared machine).
+    ``defaults``: ORT's default session options except the thread count (idle threads spin)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
+    if defaults:
+        so.log_severity_level = 3
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -255,7 +264,11 @@ def _ort_session(path, threads: int, spin: bool = False):
 
 def _quantize_static(fp32_onnx: Path, out: Path, calib: Sequence[np.ndarray]) -> Path:
     """``onnxruntime.quantization.quantize_static``: QDQ format, per-channel weights, its
-    default int8 types, calibrated (MinMax) on ``calib`` (float arrays (B, 3, H, W))."""
+    default int8 types, calibrated (MinMax) on ``calib`` (float arrays (B, 3, H, W)). The box
+    decoding after the prediction convs (the nodes directly under ``/detect/``) is excluded,
+    as our exports leave it float: by default quantize_static also quantizes the output Concat
+    of boxes (pixels) and scores (0..1) on one int8 grid (step ~2.5 at 640 px), which sets
+    every score to 0 or 2.5 (mAP 0)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
                                           quantize_static)
 
@@ -271,10 +284,31 @@ def _quantize_static(fp32_onnx: Path, out: Path, calib: Sequence[np.ndarray]) ->
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # it logs one INFO line per rescaled bias
     try:
+        import onnx
+        decode = [n.name for n in onnx.load(str(fp32_onnx)).graph.node
+                  if n.name.startswith("/detect/") and n.name.count("/") == 2]
         quantize_static(str(fp32_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True)
+                        per_channel=True, nodes_to_exclude=decode)
     finally:
         root.setLevel(level)
+    return out
+
+
+def _nncf_quantize(fp32_onnx: Path, out: Path, calib: Sequence[np.ndarray]) -> Path:
+    """NNCF post-training quantization (``nncf.quantize``, default preset and settings) of the
+    float ONNX read by OpenVINO, calibrated on ``calib``; saved as OpenVINO IR (``out``.xml)."""
+    import nncf
+    import openvino as ov
+    model = ov.Core().read_model(str(fp32_onnx))
+    images = [x[i:i + 1] for x in calib for i in range(len(x))]
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        qmodel = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images))
+    finally:
+        root.setLevel(level)
+    ov.save_model(qmodel, str(out), compress_to_fp16=False)
     return out
 
 
@@ -290,13 +324,23 @@ def _trt_available() -> Optional[str]:
 # ------------------------------------------------------------------------------ runtimes
 @dataclass
 class Runtime:
-    """One row of the speed table: its label, the ONNX file it runs (a key of the exported files;
-    None for torch) and ``runner(bench, onnx_path) -> prepare(x_tensor, x_numpy) -> (fn, sync)``.
-    Adding a runtime is one entry in :data:`RUNTIMES`."""
+    """One row of the speed table: its label, the model file it runs (a key of the exported
+    files; None for torch), ``runner(bench, path) -> prepare(x_tensor, x_numpy) -> (fn, sync)``,
+    whether it is an FP32 row (speed-ups are against the fastest FP32 row of the same batch),
+    ``missing() -> None | why`` for a runtime whose package may be absent (the row is then
+    skipped) and ``backend``: ``(kind, kwargs)`` of :func:`yolo_q.eval.build_backend` that
+    computes this row's mAP (None: the torch model of the row). Adding a runtime is one entry
+    in :data:`RUNTIMES` (plus its model file in :func:`_bench_onnx`)."""
     label: str
     onnx: Optional[str]
     runner: Callable
-    needs_tensorrt: bool = False
+    fp32: bool = False
+    missing: Optional[Callable[[], Optional[str]]] = None
+    backend: Optional[Tuple[str, Dict[str, Any]]] = ("onnxruntime", {})
+
+    @property
+    def needs_tensorrt(self) -> bool:
+        return self.missing is _trt_available
 
 
 def _torch_runner(attr: str):
@@ -306,10 +350,28 @@ def _torch_runner(attr: str):
     return runner
 
 
-def _ort_runner(bench: "_Bench", path):
-    session = _ort_session(path, bench.threads, bench.ort_spin)
-    name = session.get_inputs()[0].name
-    return lambda x_t, x_np: (lambda: session.run(None, {name: x_np}), None)
+def _ort_runner(defaults: bool = False):
+    """ONNX Runtime with our session options (:func:`_ort_session`), or with ORT's defaults
+    (only the thread count set: idle threads spin, as a user gets it)."""
+    def runner(bench: "_Bench", path):
+        session = _ort_session(path, bench.threads, bench.ort_spin, defaults=defaults)
+        name = session.get_inputs()[0].name
+        return lambda x_t, x_np: (lambda: session.run(None, {name: x_np}), None)
+    return runner
+
+
+def _ov_runner(precision: Optional[str] = "f32"):
+    """OpenVINO CPU, ``inference_num_threads`` = threads, LATENCY hint (one synchronous
+    request per batch), the model reshaped to each batch size (static shapes); ``precision``
+    of the float layers (None: OpenVINO's default for the CPU)."""
+    def runner(bench: "_Bench", path):
+        def prepare(x_t, x_np):
+            compiled = ov_compile(path, bench.threads, "LATENCY", precision,
+                                  batch=int(x_np.shape[0]))
+            request = compiled.create_infer_request()
+            return (lambda: request.infer({0: x_np})), None
+        return prepare
+    return runner
 
 
 def _trt_runner(**kwargs):
@@ -325,23 +387,98 @@ def _trt_runner(**kwargs):
     return runner
 
 
+def _nncf_missing() -> Optional[str]:
+    why = openvino_missing()
+    if why:
+        return why
+    try:
+        import nncf  # noqa: F401
+        return None
+    except ImportError as e:
+        return f"needs nncf (pip install -c constraints.txt nncf): {e}"
+
+
+_OV = ("openvino", {})
+# our QDQ exports: variant -> (flavour, config overrides): "onnxruntime_post" quantizes SiLU
+# outputs after the activation (the conv stays float in ORT), "onnxruntime_int8out" also
+# quantizes the prediction convs' outputs (no high-precision outputs: every conv integer)
+QDQ_VARIANTS = {"onnxruntime": ("onnxruntime", []),
+                "onnxruntime_post": ("onnxruntime", ["quant.preact_output=false"]),
+                "onnxruntime_int8out": ("onnxruntime", ["quant.high_precision_outputs=false"]),
+                "tensorrt": ("tensorrt", [])}
 RUNTIMES: Dict[str, Runtime] = {
-    "torch_eager": Runtime("torch FP32 eager (unfused)", None, _torch_runner("eager")),
-    "torch_fused": Runtime("torch FP32 fused", None, _torch_runner("fused")),
-    "ort_fp32": Runtime("ORT FP32", "ort_fp32", _ort_runner),
+    "torch_eager": Runtime("torch FP32 eager (unfused)", None, _torch_runner("eager"), True,
+                           backend=None),
+    "torch_fused": Runtime("torch FP32 fused", None, _torch_runner("fused"), True, backend=None),
+    "ort_fp32": Runtime("ORT FP32", "ort_fp32", _ort_runner(), True),
+    "ort_fp32_default": Runtime("ORT FP32, ORT default options", "ort_fp32",
+                                _ort_runner(defaults=True), True),
+    "ov_fp32": Runtime("OpenVINO FP32", "ort_fp32", _ov_runner(), True, openvino_missing, _OV),
+    # OpenVINO's own default float precision: bf16 on CPUs with AMX / AVX512-BF16 (not FP32, so
+    # not a candidate for "the fastest FP32 row"; on other CPUs the same as ov_fp32)
+    "ov_default_precision": Runtime("OpenVINO float, its default precision", "ort_fp32",
+                                    _ov_runner(None), False, openvino_missing,
+                                    ("openvino", {"precision": None})),
     "ort_int8_onnxruntime": Runtime("ORT INT8 ours (onnxruntime flavour)", "ort_int8_onnxruntime",
-                                    _ort_runner),
+                                    _ort_runner()),
+    "ort_int8_onnxruntime_default": Runtime("ORT INT8 ours (onnxruntime fl.), ORT defaults",
+                                            "ort_int8_onnxruntime", _ort_runner(defaults=True)),
+    "ort_int8_onnxruntime_post": Runtime("ORT INT8 ours (onnxruntime fl., Q after SiLU)",
+                                         "ort_int8_onnxruntime_post", _ort_runner()),
+    "ort_int8_onnxruntime_int8out": Runtime("ORT INT8 ours (onnxruntime fl., INT8 outputs)",
+                                            "ort_int8_onnxruntime_int8out", _ort_runner()),
     "ort_int8_tensorrt": Runtime("ORT INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
-                                 _ort_runner),
+                                 _ort_runner()),
     "ort_quantize_static": Runtime("ORT INT8 quantize_static (reference)", "ort_quantize_static",
-                                   _ort_runner),
-    "trt_fp16": Runtime("TensorRT FP16", "ort_fp32", _trt_runner(int8=False),
-                        needs_tensorrt=True),
+                                   _ort_runner()),
+    "ov_int8_onnxruntime": Runtime("OpenVINO INT8 ours (onnxruntime flavour)",
+                                   "ort_int8_onnxruntime", _ov_runner(), False, openvino_missing,
+                                   _OV),
+    "ov_int8_onnxruntime_post": Runtime("OpenVINO INT8 ours (onnxruntime fl., Q after SiLU)",
+                                        "ort_int8_onnxruntime_post", _ov_runner(), False,
+                                        openvino_missing, _OV),
+    "ov_int8_onnxruntime_int8out": Runtime("OpenVINO INT8 ours (onnxruntime fl., INT8 outputs)",
+                                           "ort_int8_onnxruntime_int8out", _ov_runner(), False,
+                                           openvino_missing, _OV),
+    "ov_int8_tensorrt": Runtime("OpenVINO INT8 ours (tensorrt flavour)", "ort_int8_tensorrt",
+                                _ov_runner(), False, openvino_missing, _OV),
+    "ov_quantize_static": Runtime("OpenVINO INT8 quantize_static", "ort_quantize_static",
+                                  _ov_runner(), False, openvino_missing, _OV),
+    "ov_nncf": Runtime("OpenVINO INT8 NNCF (nncf.quantize)", "ov_nncf", _ov_runner(), False,
+                       _nncf_missing, _OV),
+    "trt_fp16": Runtime("TensorRT FP16", "ort_fp32", _trt_runner(int8=False), True,
+                        _trt_available, ("tensorrt", {"int8": False})),
     "trt_int8": Runtime("TensorRT INT8 (tensorrt flavour)", "ort_int8_tensorrt",
-                        _trt_runner(int8=True), needs_tensorrt=True),
+                        _trt_runner(int8=True), False, _trt_available,
+                        ("tensorrt", {"int8": True})),
 }
 ROW_LABELS = {k: r.label for k, r in RUNTIMES.items()}
 DEFAULT_ROWS = tuple(ROW_LABELS)
+
+
+def extra_runtimes(extra_onnx: Dict[str, Any]) -> Dict[str, Runtime]:
+    """Rows for ONNX files quantized elsewhere (``name -> path``, e.g. ModelOpt's INT8 from
+    ``benchmarks/modelopt_int8.py``): each in ONNX Runtime (our session options) and OpenVINO."""
+    out = {}
+    for name, path in extra_onnx.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--extra-onnx {name}={path}: file not found")
+        out[f"ort_extra_{name}"] = Runtime(f"ORT {name}", f"extra_{name}", _ort_runner())
+        out[f"ov_extra_{name}"] = Runtime(f"OpenVINO {name}", f"extra_{name}", _ov_runner(),
+                                          False, openvino_missing, _OV)
+    return out
+
+
+def parse_extra_onnx(items: Sequence[str]) -> Dict[str, str]:
+    """``["name=path", ...]`` -> ``{name: path}`` (one line naming a malformed item)."""
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"--extra-onnx {it!r}: expected NAME=PATH (NAME letters, digits, "
+                             f"_ or -)")
+        out[name] = path
+    return out
 
 
 @dataclass
@@ -364,6 +501,7 @@ class _Bench:
     calib_batches: List[torch.Tensor] = field(default_factory=list)
     calib_src: str = ""
     onnx_files: Dict[str, Path] = field(default_factory=dict)
+    runtimes: Dict[str, Runtime] = field(default_factory=dict)
 
 
 def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_size: int = 640,
@@ -371,6 +509,8 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
                     iters: int = 20, iters_large: int = 5, rows: Sequence[str] = DEFAULT_ROWS,
                     calib=None, calib_num: int = 16, calib_method: str = "max",
                     work_dir=None, seed: int = 0, ort_spin: bool = False,
+                    extra_onnx: Optional[Dict[str, Any]] = None, val=None,
+                    val_images: Optional[int] = None, val_batch: int = 8,
                     log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Latency/throughput table (see the module docstring).
 
@@ -382,18 +522,28 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
     :data:`DEFAULT_ROWS`. ``iters`` timed rounds at batch 1, ``iters_large`` at larger batches.
     ONNX files are exported with a dynamic batch into ``work_dir`` (default: a temp dir).
     ``ort_spin``: let ORT's idle threads busy-wait (its default; off here, see
-    :func:`_ort_session`).
+    :func:`_ort_session`; the ``*_default`` rows use ORT's defaults whatever this says).
+    ``extra_onnx``: ``{name: path}`` of ONNX files quantized elsewhere, timed in ONNX Runtime
+    and OpenVINO (:func:`extra_runtimes`). ``val``: a data YAML (or True: the config's
+    ``data.dataset``) whose val images (the first ``val_images``) give every row a COCO
+    mAP50-95 at ``img_size`` through the shared evaluation, plus torch fake-quant of each
+    INT8 flavour for reference (``res["map"]``).
+    Speed-ups: against ORT FP32 and against the fastest FP32 row of the same batch.
     """
     unknown = [r for r in rows if r not in ROW_LABELS]
     if unknown:
         raise ValueError(f"unknown benchmark row(s) {unknown}; choose from {', '.join(ROW_LABELS)}")
     if img_size % 32:
         raise ValueError(f"--imgsz {img_size} must be a multiple of 32")
+    extras = extra_runtimes(extra_onnx or {})
     torch.set_num_threads(int(threads))
     tmp = tempfile.TemporaryDirectory(prefix="yolo_q_bench_") if work_dir is None else None
     work = Path(tmp.name if tmp is not None else work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    bench = _Bench(cfg, rows, img_size, threads, ort_spin, max(batches), work, log)
+    bench = _Bench(cfg, list(rows) + list(extras), img_size, threads, ort_spin, max(batches),
+                   work, log, runtimes={**RUNTIMES, **extras})
+    for name, path in (extra_onnx or {}).items():
+        bench.onnx_files[f"extra_{name}"] = Path(path)
     try:
         with flush_denormal():
             _bench_models(bench, weights, quant_weights, seed)
@@ -403,13 +553,18 @@ def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_si
             prepares = _runners(bench)
             results = _time_rows(bench, prepares, batches, seed, warmup, iters, iters_large,
                                  graph_ops)
-        return {"rows": results, "cpu": cpu_info(), "notes": bench.notes,
+            maps = _bench_map(bench, list(prepares), val, val_images, val_batch) if val else {}
+        for r in results:
+            if r["row"] in maps:
+                r["map50_95"] = maps[r["row"]]
+        return {"rows": results, "cpu": cpu_info(), "notes": bench.notes, "map": maps,
                 "skipped": dict(bench.skipped),
                 "settings": dict(model=str(bench.cfg.model.name), weights=bench.source,
                                  img_size=img_size, batches=list(batches), threads=threads,
                                  warmup=warmup, iters=iters, iters_large=iters_large,
                                  calib=bench.calib_src, calib_method=calib_method,
-                                 ort_spin=ort_spin),
+                                 ort_spin=ort_spin, val=str(val) if val else None,
+                                 val_images=val_images),
                 "onnx": ({k: str(v) for k, v in bench.onnx_files.items()} if tmp is None
                          else {})}
     finally:
@@ -454,7 +609,7 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
     """The float ONNX, our INT8 QDQ ONNX per flavour (given or quick-PTQ models) and the
     ``quantize_static`` reference, as the rows need them."""
     rows, files, cfg = bench.rows, bench.onnx_files, bench.cfg
-    if any(r.startswith(("ort_", "trt_")) for r in rows):
+    if any(bench.runtimes[r].onnx for r in rows):
         bench.log("exporting float ONNX ...")
         files["ort_fp32"] = export_onnx(bench.fused, bench.work / "fp32.onnx",
                                         img_size=bench.img_size, dynamic_batch=True,
@@ -464,36 +619,85 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
             bench.notes.append(f"float ONNX shares {len(shared)} conv initializers (identical "
                                f"weights/biases, e.g. an untrained model): quantize_static "
                                f"cannot quantize those per layer")
-    for flavour in ("onnxruntime", "tensorrt"):
-        key = f"ort_int8_{flavour}"
-        if key not in rows and not (flavour == "tensorrt" and "trt_int8" in rows):
+    needed = {bench.runtimes[r].onnx for r in rows}
+    for variant, (flavour, overrides) in QDQ_VARIANTS.items():
+        key = f"ort_int8_{variant}"
+        if key not in needed:
             continue
-        qm = bench.qmodels.get(flavour)
+        qm = bench.qmodels.get(variant)
         if qm is None:
-            bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {flavour} "
+            bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {variant} "
                       f"flavour ...")
-            qm = quick_ptq(bench.fused, cfg, flavour, bench.calib_batches, method=calib_method)
-            bench.notes.append(f"INT8 {flavour} flavour: quick PTQ ({calib_method} calibration "
+            vcfg = copy_config(cfg, overrides) if overrides else cfg
+            qm = quick_ptq(bench.fused, vcfg, flavour, bench.calib_batches, method=calib_method)
+            bench.qmodels[variant] = qm
+            bench.notes.append(f"INT8 {variant} flavour: quick PTQ ({calib_method} calibration "
                                f"on {len(bench.calib_batches)} batches of {bench.calib_src})")
-        files[key] = export_qdq(qm, bench.work / f"int8_{flavour}.onnx", flavour=flavour,
+        files[key] = export_qdq(qm, bench.work / f"int8_{variant}.onnx", flavour=flavour,
                                 img_size=bench.img_size, dynamic_batch=True,
                                 ort_weights=str(cfg.export.ort_weights))
         if flavour == "onnxruntime":
             bench.notes.append(f"INT8 onnxruntime flavour: "
                                f"{resolve_ort_weights(str(cfg.export.ort_weights))} weights "
                                f"(export.ort_weights={cfg.export.ort_weights})")
-    if "ort_quantize_static" in rows:
+    calib_np = [(b.float() / 255).numpy() for b in bench.calib_batches]
+    if "ort_quantize_static" in needed:
         bench.log("onnxruntime.quantization.quantize_static ...")
         files["ort_quantize_static"] = _quantize_static(
-            files["ort_fp32"], bench.work / "int8_quantize_static.onnx",
-            [(b.float() / 255).numpy() for b in bench.calib_batches])
+            files["ort_fp32"], bench.work / "int8_quantize_static.onnx", calib_np)
+    if "ov_nncf" in needed and not _nncf_missing():
+        bench.log("nncf.quantize (OpenVINO model of the float ONNX) ...")
+        files["ov_nncf"] = _nncf_quantize(files["ort_fp32"], bench.work / "int8_nncf.xml",
+                                          calib_np)
+        bench.notes.append(f"NNCF INT8: nncf.quantize of the float ONNX read by OpenVINO, "
+                           f"default preset, calibrated on the same {sum(len(c) for c in calib_np)} "
+                           f"images")
+
+
+def _bench_map(bench: _Bench, rows: Sequence[str], val, val_images: Optional[int],
+               val_batch: int) -> Dict[str, float]:
+    """COCO mAP50-95 of every timed row on the val set (one evaluation per model file and
+    runtime kind; the session options do not change the numbers), plus ``torch_fq_<flavour>``:
+    torch fake-quant of each INT8 flavour, the reference the runtimes must match."""
+    cfg = copy.deepcopy(bench.cfg)
+    data = None if val is True else str(val)
+    val_ds, loader, _ = val_loader_for(cfg, val_batch, bench.img_size, data, workers=0)
+    max_batches = -(-val_images // val_batch) if val_images else None
+
+    def score(backend) -> float:
+        res = evaluate(backend, loader, COCOEvaluator.from_dataset(val_ds),
+                       conf_thres=cfg.eval.conf_thres, iou_thres=cfg.eval.iou_thres,
+                       max_det=cfg.eval.max_det, progress=False, max_batches=max_batches)
+        return float(res["map50_95"])
+
+    bench.log(f"mAP on {data or cfg.data.dataset} ({val_images or 'all'} val images) ...")
+    done: Dict[Any, float] = {}
+    out: Dict[str, float] = {}
+    for r in rows:
+        rt = bench.runtimes[r]
+        if rt.backend is None:
+            key = (r, None)
+            if key not in done:
+                done[key] = score(TorchBackend(getattr(bench, r.split("_", 1)[1])))
+        else:
+            kind, kw = rt.backend
+            key = (kind, rt.onnx)
+            if kind == "tensorrt":
+                continue
+            if key not in done:
+                done[key] = score(build_backend(kind, str(bench.onnx_files[rt.onnx]),
+                                                threads=bench.threads, **kw))
+        out[r] = done[key]
+    for flavour, qm in bench.qmodels.items():
+        out[f"torch_fq_{flavour}"] = score(TorchBackend(qm))
+    return out
 
 
 def _graph_ops(onnx_files: Dict[str, Path]) -> Dict[str, Dict[str, int]]:
     """What ONNX Runtime's optimizer made of each INT8 graph (op counts)."""
     out = {}
     for key, path in onnx_files.items():
-        if key.startswith("ort_int8") or key == "ort_quantize_static":
+        if key.startswith(("ort_int8", "extra_")) or key == "ort_quantize_static":
             c = ort_optimized_op_counts(path)
             out[key] = {k: int(c.get(k, 0)) for k in
                         ("QLinearConv", "Conv", "QuantizeLinear", "DequantizeLinear",
@@ -503,13 +707,16 @@ def _graph_ops(onnx_files: Dict[str, Path]) -> Dict[str, Dict[str, int]]:
 
 def _runners(bench: _Bench) -> Dict[str, Callable]:
     """``row -> prepare(x_tensor, x_numpy) -> (fn, sync)`` for every row that can run here."""
-    trt_why = _trt_available() if any(RUNTIMES[r].needs_tensorrt for r in bench.rows) else None
+    why_missing: Dict[Callable, Optional[str]] = {}
     out = {}
     for r in bench.rows:
-        rt = RUNTIMES[r]
-        if rt.needs_tensorrt and trt_why:
-            bench.skipped[r] = trt_why
-            continue
+        rt = bench.runtimes[r]
+        if rt.missing is not None:
+            if rt.missing not in why_missing:
+                why_missing[rt.missing] = rt.missing()
+            if why_missing[rt.missing]:
+                bench.skipped[r] = why_missing[rt.missing]
+                continue
         if rt.onnx is not None and rt.onnx not in bench.onnx_files:
             continue
         try:
@@ -524,7 +731,7 @@ def _runners(bench: _Bench) -> Dict[str, Callable]:
 def _time_rows(bench: _Bench, prepares: Dict[str, Callable], batches: Sequence[int], seed: int,
                warmup: int, iters: int, iters_large: int, graph_ops) -> List[Dict[str, Any]]:
     """The one timing loop: per batch size, every runner round-robin; rows with speed-ups vs
-    ONNX Runtime FP32."""
+    ONNX Runtime FP32 and vs the fastest FP32 row of that batch."""
     results = []
     for b in batches:
         x_t = random_images(b, bench.img_size, seed + b).float() / 255.0
@@ -540,12 +747,16 @@ def _time_rows(bench: _Bench, prepares: Dict[str, Callable], batches: Sequence[i
         times = round_robin(fns, n, warmup if b == 1 else min(warmup, 1), sync)
         base = times.get("ort_fp32")
         base_med = float(np.median(base)) if base else None
+        fp32 = {r: float(np.median(t)) for r, t in times.items() if bench.runtimes[r].fp32}
+        fastest = min(fp32, key=fp32.get) if fp32 else None
         for r, t in times.items():
             s = summarize_times(t, b)
-            row = {"row": r, "label": ROW_LABELS[r], "batch": b, "img_size": bench.img_size,
-                   "threads": bench.threads, **s,
-                   "speedup_vs_ort_fp32": (base_med / (s["median_ms"] / 1000)
-                                           if base_med else None)}
+            med = s["median_ms"] / 1000
+            row = {"row": r, "label": bench.runtimes[r].label, "batch": b,
+                   "img_size": bench.img_size, "threads": bench.threads, **s,
+                   "speedup_vs_ort_fp32": base_med / med if base_med else None,
+                   "fastest_fp32": fastest,
+                   "speedup_vs_fastest_fp32": fp32[fastest] / med if fastest else None}
             if r in graph_ops:
                 row["ort_graph_ops"] = graph_ops[r]
             results.append(row)
@@ -563,14 +774,17 @@ def format_speed_table(res: Dict[str, Any]) -> str:
     s = res["settings"]
     lines = [cpu_line(res["cpu"]),
              f"model {s['model']} ({s['weights']}), {s['img_size']} px, {s['threads']} threads",
-             f"{'backend':<40}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'img/s':>9}"
-             f"{'vs ORT FP32':>13}"]
+             f"{'backend':<46}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'img/s':>9}"
+             f"{'vs ORT FP32':>13}{'vs fastest FP32':>17}{'mAP50-95':>10}"]
     for r in res["rows"]:
-        sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
-        lines.append(f"{r['label']:<40}{r['batch']:>6}{r['median_ms']:>11.1f}{r['p90_ms']:>9.1f}"
-                     f"{r['img_per_s']:>9.2f}{sp:>13}")
+        sp, fs, m = _speed_cells(r)
+        lines.append(f"{r['label']:<46}{r['batch']:>6}{r['median_ms']:>11.1f}{r['p90_ms']:>9.1f}"
+                     f"{r['img_per_s']:>9.2f}{sp:>13}{fs:>17}{m:>10}")
     for r, why in res.get("skipped", {}).items():
-        lines.append(f"{ROW_LABELS[r]:<40} skipped: {why}")
+        lines.append(f"{ROW_LABELS.get(r, r):<46} skipped: {why}")
+    for k, v in res.get("map", {}).items():
+        if k.startswith("torch_fq_"):
+            lines.append(f"torch fake-quant ({k[9:]} flavour): mAP50-95 {100 * v:.2f}")
     for r in res["rows"]:
         if r.get("ort_graph_ops") and r["batch"] == res["rows"][0]["batch"]:
             ops = r["ort_graph_ops"]
@@ -581,14 +795,28 @@ def format_speed_table(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _speed_cells(r: Dict[str, Any]) -> Tuple[str, str, str]:
+    sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r.get("speedup_vs_ort_fp32") else "-"
+    fs = f"{r['speedup_vs_fastest_fp32']:.2f}x" if r.get("speedup_vs_fastest_fp32") else "-"
+    m = f"{100 * r['map50_95']:.2f}" if r.get("map50_95") is not None else "-"
+    return sp, fs, m
+
+
 def format_speed_markdown(res: Dict[str, Any]) -> str:
-    """The rows of :func:`speed_benchmark` as a markdown table."""
-    lines = ["| backend | batch | median ms | p90 ms | img/s | vs ORT FP32 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """The rows of :func:`speed_benchmark` as a markdown table (speed-ups vs ORT FP32 and vs
+    the fastest FP32 row of the same batch, named under the table; mAP50-95 in %)."""
+    lines = ["| backend | batch | median ms | p90 ms | img/s | vs ORT FP32 | vs fastest FP32 "
+             "| mAP50-95 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
-        sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if r["speedup_vs_ort_fp32"] else "-"
+        sp, fs, m = _speed_cells(r)
         lines.append(f"| {r['label']} | {r['batch']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
-                     f"| {r['img_per_s']:.2f} | {sp} |")
+                     f"| {r['img_per_s']:.2f} | {sp} | {fs} | {m} |")
     for r, why in res.get("skipped", {}).items():
-        lines.append(f"| {ROW_LABELS[r]} | – | skipped: {why} | | | |")
+        lines.append(f"| {ROW_LABELS.get(r, r)} | – | skipped: {why} | | | | | |")
+    fastest = {r["batch"]: r["fastest_fp32"] for r in res["rows"] if r.get("fastest_fp32")}
+    labels = {r["row"]: r["label"] for r in res["rows"]}
+    lines += [""] + [f"Fastest FP32 at batch {b}: {labels[f]}." for b, f in fastest.items()]
+    for k, v in res.get("map", {}).items():
+        if k.startswith("torch_fq_"):
+            lines.append(f"torch fake-quant ({k[9:]} flavour): mAP50-95 {100 * v:.2f}.")
     return "\n".join(lines)

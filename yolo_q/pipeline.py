@@ -32,6 +32,7 @@ from .data import load_data_yaml
 from .data.synthetic import generate
 from .engine.rundir import discard_unused_run_dirs, make_run_dir
 from .eval.api import run_eval
+from .eval.backends import openvino_missing
 from .export.api import export_model
 from .io import load_checkpoint, save_checkpoint
 from .quant.load import load_model
@@ -401,6 +402,10 @@ class Pipeline:
         for fl, src in exp["int8_source"].items():
             stage = "qat+cwd" if src == "qat" and qat and qat.distill else src
             jobs.append((stage, f"ORT INT8 ({fl} flavour)", "onnxruntime", exp[f"int8_{fl}"]))
+        jobs.append(("float", "OpenVINO FP32", "openvino", exp["float"]))
+        for fl, src in exp["int8_source"].items():
+            stage = "qat+cwd" if src == "qat" and qat and qat.distill else src
+            jobs.append((stage, f"OpenVINO INT8 ({fl} flavour)", "openvino", exp[f"int8_{fl}"]))
         jobs.append(("float", "TensorRT FP16", "tensorrt", exp["float"]))
         if "tensorrt" in exp["int8_source"]:
             jobs.append((exp["int8_source"]["tensorrt"], "TensorRT INT8", "tensorrt",
@@ -408,14 +413,15 @@ class Pipeline:
         for i, (stage, runtime, backend, src) in enumerate(jobs):
             row = {"stage": stage, "runtime": runtime, "source": str(src)}
             try:
-                kw = {"threads": int(p.threads)} if backend == "onnxruntime" else {}
+                kw = {"threads": int(p.threads)} if backend in ("onnxruntime", "openvino") else {}
                 if backend == "tensorrt":  # INT8 from the QDQ ONNX, FP16 for the rest
                     kw = {"int8": runtime.endswith("INT8"), "fp16": True}
                 m = run_eval(cfg, backend, src, batch_size=int(p.eval_batch),
                              max_images=p.eval_images, verbose=False,
                              save_dir=str(out / f"{i:02d}_{_slug(stage)}_{_slug(runtime)}"), **kw)
-            except Exception as e:  # noqa: BLE001 - TensorRT missing: a reported skip
-                if backend != "tensorrt":
+            except Exception as e:  # noqa: BLE001 - TensorRT / OpenVINO missing: a reported skip
+                optional = backend == "tensorrt" or (backend == "openvino" and openvino_missing())
+                if not optional:
                     raise
                 row["skipped"] = str(e).splitlines()[0] if str(e) else type(e).__name__
                 rows.append(row)

@@ -66,10 +66,31 @@ def test_torch_backend_copies_for_fuse_and_keeps_model():
 def test_build_backend(fused, onnx_fixed):
     assert isinstance(build_backend("ort", onnx_fixed), OrtBackend)
     assert isinstance(build_backend("torch", fused), TorchBackend)
-    with pytest.raises(ValueError, match="torch, onnxruntime, tensorrt"):
+    with pytest.raises(ValueError, match="torch, onnxruntime, openvino, tensorrt"):
         build_backend("tflite", onnx_fixed)
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         build_backend("onnxruntime", "/nope/missing.onnx")
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        build_backend("ov", "/nope/missing.onnx")
+
+
+def test_openvino_backend_matches_ort(onnx_fixed):
+    """OpenVINO (FP32 precision hint) on the same fixed-shape ONNX: same outputs as ONNX
+    Runtime; a batch larger than the graph's fixed batch is split; explicit thread setting."""
+    pytest.importorskip("openvino")
+    from yolo_q.eval import OvBackend
+    ov = build_backend("openvino", onnx_fixed, threads=1)
+    assert isinstance(ov, OvBackend) and ov.kind == "openvino"
+    assert ov.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert str(ov.compiled.get_property("PERFORMANCE_HINT")).endswith("LATENCY")
+    ort = OrtBackend(onnx_fixed, threads=1)
+    assert (ov.fixed_batch, ov.input_hw, ov.nc) == (ort.fixed_batch, ort.input_hw, ort.nc)
+    x = imgs(3)
+    y_ov, y_ort = ov(x), ort(x)
+    assert y_ov.shape == y_ort.shape
+    assert torch.allclose(y_ov, y_ort, rtol=1e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="hint must be one of"):
+        OvBackend(onnx_fixed, hint="FAST")
 
 
 def letterbox_info(h0, w0, s):

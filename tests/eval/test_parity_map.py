@@ -173,3 +173,44 @@ def test_ort_int8_map_equals_fake_quant(setup, tmp_path, flavour):
     assert m_fq > 0.9 * m_float  # the quantized model still detects
     assert abs(m_plain - m_fq) <= INT8_TOL
     assert abs(m_ort - m_fq) <= INT8_TOL
+
+
+# OpenVINO (optional dependency): the same shared evaluate() on the same set. Its CPU plugin
+# computes float layers in FP32 (precision="f32"; otherwise bf16 on AMX CPUs) and the QDQ graph
+# with integer convolutions, which requantize in their own arithmetic like ORT's: measured on a
+# Xeon with AMX-INT8, 0.21 (onnxruntime flavour) and 0.26 (tensorrt flavour) points from torch
+# fake-quant on these 12 images (ORT: 0.09 / 0.12), the rounding-tie noise INT8_TOL describes;
+# the 0.2-point goal is checked on the benchmark's val set (benchmarks/cpu_int8.md).
+
+
+def test_openvino_fp32_map_equals_torch(setup, tmp_path):
+    pytest.importorskip("openvino")
+    from yolo_q.eval import OvBackend
+    from yolo_q.export import export_onnx
+    d, cfg, fused, loader, ev = setup
+    m_torch = _map(TorchBackend(fused), loader, ev)
+    onnx_path = export_onnx(fused, tmp_path / "fp32.onnx", img_size=IMG, dynamic_batch=True)
+    ov = OvBackend(onnx_path, threads=1)
+    assert ov.nc == 3 and ov.fixed_batch is None
+    m_ov = _map(ov, loader, ev)
+    print(f"mAP50-95 torch {m_torch:.4f}  OpenVINO FP32 {m_ov:.4f}")
+    assert abs(m_ov - m_torch) <= FLOAT_TOL
+
+
+@pytest.mark.parametrize("flavour", ["onnxruntime", "tensorrt"])
+def test_openvino_int8_map_equals_fake_quant(setup, tmp_path, flavour):
+    pytest.importorskip("openvino")
+    from yolo_q.eval import OvBackend
+    from yolo_q.export.qdq import export_qdq
+    from yolo_q.quant import calibrate, convert
+    d, cfg, fused, loader, ev = setup
+    q = convert(fused, cfg, flavour=flavour)
+    calibrate(q, [b[0] for b in loader], method="max", progress=False)
+    m_fq = _map(TorchBackend(q), loader, ev)
+    m_float = _map(TorchBackend(fused), loader, ev)
+    onnx_path = export_qdq(q, tmp_path / f"{flavour}.onnx", img_size=IMG, batch=1)
+    m_ov = _map(OvBackend(onnx_path, threads=1), loader, ev)
+    print(f"[{flavour}] mAP50-95 torch float {m_float:.4f}  fake-quant {m_fq:.4f}  "
+          f"OpenVINO INT8 {m_ov:.4f}")
+    assert m_fq > 0.9 * m_float
+    assert abs(m_ov - m_fq) <= INT8_TOL

@@ -91,6 +91,38 @@ def test_onnxruntime_structure():
         assert q.get_submodule(n)._output_quantizer is None
 
 
+@pytest.mark.parametrize("preact", [True, False])
+def test_onnxruntime_silu_placement(preact):
+    """quant.preact_output: a conv + SiLU quantizes its pre-activation output (so ONNX Runtime
+    runs the conv as QLinearConv) and each reader of the SiLU output quantizes it itself;
+    off: the output after the SiLU is quantized once, and readers share that grid."""
+    q = convert(tiny_fused(), flavour="onnxruntime", preact_output=preact)
+    specs = {s["name"]: s for s in quant_state(q)["layers"]}
+    silu = [n for n, s in specs.items() if s["act_type"] == "silu"]
+    assert silu and all(n.startswith("detect.") for n in silu)  # the head's stems/cls/reg convs
+    assert {specs[n]["output_at"] for n in silu} == {"pre" if preact else "post"}
+    assert all(specs[n]["output_at"] == "post" for n in specs if n not in silu)
+    stem = "detect.stems.0.block.conv"
+    assert stem in silu
+    readers = [n for n in ("detect.cls_convs.0.block.conv", "detect.reg_convs.0.block.conv")]
+    for r in readers:
+        assert (specs[r]["input_from"] == f"{r}._input_quantizer") == preact
+    # torch computes what the runtime is given: act(fake_quant(conv)) vs fake_quant(act(conv))
+    calibrate(q, calib_batches(), method="max", progress=False)
+    layer = q.get_submodule(stem)
+    assert layer.quant_before_act == preact
+    x = torch.randn(1, layer.in_channels, 8, 8)
+    with torch.no_grad():
+        y = layer._conv_forward(layer._quant_in(x), layer._quant_w(), layer.bias)
+        fq = layer._output_quantizer
+        want = torch.nn.functional.silu(fq(y)) if preact else fq(torch.nn.functional.silu(y))
+        assert torch.equal(layer(x), want)
+    # the tensorrt flavour has no output quantizers: nothing to place
+    t = convert(tiny_fused(), flavour="tensorrt", preact_output=True)
+    assert not quant_state(t)["preact_output"]
+    assert all(s["output_at"] == "post" for s in quant_state(t)["layers"])
+
+
 def test_skip_rules_and_partial_quantization():
     cfg = tiny_cfg("model.head.use_dfl=true")
     dfl = build_model(cfg).fuse().eval()

@@ -48,7 +48,9 @@ def test_ort_runs_each_layer_like_torch_fake_quant(kw):
     # quantized outputs: at most one step, at rare rounding ties (fused integer kernels in the
     # onnxruntime flavour); float outputs (TensorRT flavour): float rounding only
     assert max(par[n]["max_steps"] for n in on_grid) <= 1.0 + 1e-3
-    assert max(par[n]["frac_diff"] for n in on_grid) < 0.01
+    # (rare: < 1 % of a layer's outputs, measured up to 0.4 %; the 3-class prediction convs have
+    # only 384 outputs on these 2 images, where 4 ties are 1.04 %)
+    assert max(par[n]["frac_diff"] for n in on_grid) < 0.015
     assert all(par[n]["max_steps"] < 0.1 for n in set(par) - on_grid)
     assert len(on_grid) == (len(par) if flavour == "onnxruntime" else 6)
     # end to end, rare rounding ties compound through ~70 requantizations (measured: median
@@ -61,8 +63,12 @@ def test_ort_runs_each_layer_like_torch_fake_quant(kw):
 def test_onnxruntime_flavour_fuses_into_qlinearconv():
     q = calibrated(**ORT)
     ops = ort_optimized_op_counts(exported(**ORT, raw=True))
-    relu_convs = [s for s in quant_state(q)["layers"] if s["act_type"] == "relu"]
-    assert ops["QLinearConv"] >= len(relu_convs)  # every conv+ReLU runs as an integer kernel
+    convs = [s for s in quant_state(q)["layers"] if s["kind"] == "conv"]
+    # every conv runs as an integer kernel: conv+ReLU, conv+SiLU (output quantized before the
+    # SiLU) and, without high-precision outputs, the prediction convs
+    assert ops["QLinearConv"] == len(convs) and ops.get("Conv", 0) == 0
+    assert any(s["act_type"] == "silu" and s["output_at"] == "pre"
+               for s in quant_state(q)["layers"])
     assert ops["QLinearConcat"] >= 4
     trt_ops = ort_optimized_op_counts(exported("tensorrt"))
     assert trt_ops.get("QLinearConv", 0) == 0  # TensorRT-style placement is not fused by ORT

@@ -57,6 +57,8 @@ def test_speed_subcommand(repo_root, tmp_path, capsys):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     rows = ["torch_eager", "torch_fused", "ort_fp32", "ort_int8_onnxruntime", "ort_quantize_static"]
+    if importlib.util.find_spec("openvino") is not None:
+        rows += ["ov_fp32", "ov_int8_onnxruntime"]
     out = tmp_path / "speed.json"
     assert tool.main(["speed", *TINY, "--imgsz", "64", "--batch", "1", "2", "--iters", "2",
                       "--iters-large", "2", "--warmup", "1", "--calib-num", "4", "--rows", *rows,
@@ -70,8 +72,44 @@ def test_speed_subcommand(repo_root, tmp_path, capsys):
         assert r["p90_ms"] >= r["median_ms"] and r["iters"] == 2
         if r["row"] == "ort_fp32":
             assert r["speedup_vs_ort_fp32"] == pytest.approx(1.0)
+        # speed-ups against the fastest FP32 row of the same batch
+        fp32 = [x for x in res["rows"] if x["batch"] == r["batch"] and
+                x["row"] in ("torch_eager", "torch_fused", "ort_fp32", "ov_fp32")]
+        best = min(fp32, key=lambda x: x["median_ms"])
+        assert r["fastest_fp32"] == best["row"]
+        assert r["speedup_vs_fastest_fp32"] == pytest.approx(best["median_ms"] / r["median_ms"])
     ours = next(r for r in res["rows"] if r["row"] == "ort_int8_onnxruntime")["ort_graph_ops"]
     # ONNX Runtime fused our Q/DQ placement into integer convolutions
     assert ours["QLinearConv"] > 2 * ours["Conv"]
     for f in ("fp32.onnx", "int8_onnxruntime.onnx", "int8_quantize_static.onnx"):
         assert (tmp_path / "onnx" / f).is_file()
+
+
+def test_speed_extra_onnx_and_map(repo_root, tmp_path):
+    """--extra-onnx rows run the given file in ONNX Runtime (and OpenVINO); --val gives every
+    row the mAP of the shared evaluation: the same INT8 file as an extra row scores exactly as
+    our row, and torch fake-quant of the flavour is reported beside it."""
+    from yolo_q.benchmark import parse_extra_onnx, speed_benchmark
+    from yolo_q.config import load_config
+    from yolo_q.data.synthetic import CLASSES, generate
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_extra_onnx(["no_path"])
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        speed_benchmark(None, extra_onnx={"x": str(tmp_path / "missing.onnx")})
+    yaml = generate(tmp_path / "d", 1, 4, 64, 0, workers=1)
+    cfg = load_config(str(repo_root / "configs/yolov6n.yaml"),
+                      [*TINY[:2], f"model.nc={len(CLASSES)}", f"data.dataset={yaml}",
+                       "data.workers=0"])
+    kw = dict(img_size=64, batches=[1], iters=1, warmup=0, calib_num=4, log=lambda s: None)
+    first = speed_benchmark(cfg, rows=["ort_int8_onnxruntime"], work_dir=tmp_path / "a", **kw)
+    ours = first["onnx"]["ort_int8_onnxruntime"]
+    res = speed_benchmark(cfg, rows=["ort_int8_onnxruntime"], extra_onnx={"copy": ours},
+                          val=True, work_dir=tmp_path / "b", **kw)
+    rows = {r["row"]: r for r in res["rows"]}
+    assert "ort_extra_copy" in rows and rows["ort_extra_copy"]["label"] == "ORT copy"
+    assert rows["ort_extra_copy"]["map50_95"] == rows["ort_int8_onnxruntime"]["map50_95"]
+    assert 0 <= res["map"]["torch_fq_onnxruntime"] <= 1
+    if importlib.util.find_spec("openvino") is not None:
+        assert "map50_95" in rows["ov_extra_copy"]
+    else:
+        assert "ov_extra_copy" in res["skipped"]

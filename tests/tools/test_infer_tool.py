@@ -93,6 +93,15 @@ def test_infer_onnx_images_and_video(repo_root, setup, tmp_path):
         for da, db in zip(a["detections"], b["detections"]):
             assert da["class"] == db["class"]
             np.testing.assert_allclose(da["box"], db["box"], atol=0.1)
+    if importlib.util.find_spec("openvino") is not None:  # the same file through OpenVINO
+        assert tool.main(["--openvino", str(onnx_path), "--source", str(d / "imgs"), "--out",
+                          str(tmp_path / "ov"), "--config", "configs/yolov6n.yaml",
+                          "model.nc=3", "--threads", "1"]) == 0
+        ov = json.loads((tmp_path / "ov" / "detections.json").read_text())
+        for a, b in zip(ox, ov):
+            assert [x["class"] for x in a["detections"]] == [x["class"] for x in b["detections"]]
+            for da, db in zip(a["detections"], b["detections"]):
+                np.testing.assert_allclose(da["box"], db["box"], atol=0.1)
     assert tool.main(["--onnx", str(onnx_path), "--source", str(d / "clip.avi"), "--out",
                       str(tmp_path / "vid"), "--conf", "0.3"]) == 0
     frames = json.loads((tmp_path / "vid" / "detections.json").read_text())

@@ -179,6 +179,11 @@ class QuantConfig:
     per_channel_weights: bool = True
     skip_dfl: bool = True
     high_precision_outputs: bool = True
+    # onnxruntime flavour: a conv whose activation ONNX Runtime cannot fuse into QLinearConv
+    # (SiLU, ...) quantizes its PRE-activation output, so the conv runs integer; the activation
+    # runs in float and its readers quantize its output. false: quantize after the activation
+    # (one Q/DQ pair less; the conv stays float in ONNX Runtime, OpenVINO fuses either way)
+    preact_output: bool = True
     share_concat_scales: bool = True
     # tensorrt | onnxruntime (Q/DQ placement, see yolo_q.quant.convert); null: follow
     # export.flavour when that is a QDQ flavour, else tensorrt

@@ -30,14 +30,18 @@ def val_loader_for(cfg, batch_size: int, img_size: Optional[int] = None, data: O
     return val_ds, loader, info
 
 
-def backend_from_args(weights=None, onnx=None, trt=None, threads: Optional[int] = None):
+def backend_from_args(weights=None, onnx=None, trt=None, threads: Optional[int] = None,
+                      openvino=None):
     """``(backend, source, kwargs)`` from the tools' mutually exclusive ``--weights`` /
-    ``--onnx`` / ``--trt`` options (TensorRT from an ONNX: FP16 for every non-INT8 tensor;
-    INT8 where the ONNX has Q/DQ)."""
+    ``--onnx`` / ``--openvino`` / ``--trt`` options (OpenVINO on CPU: a float ONNX in FP32, a
+    QDQ ONNX in INT8; TensorRT from an ONNX: FP16 for every non-INT8 tensor; INT8 where the
+    ONNX has Q/DQ)."""
     if weights:
         return "torch", weights, {}
     if onnx:
         return "onnxruntime", onnx, {"threads": threads}
+    if openvino:
+        return "openvino", openvino, {"threads": threads}
     return "tensorrt", trt, {"fp16": True}
 
 
@@ -58,7 +62,8 @@ def run_eval(cfg, backend: str = "torch", source=None, batch_size: int = 8,
              save_json: Optional[str] = None, save_dir: Optional[str] = None,
              max_images: Optional[int] = None, per_class: bool = False, verbose: bool = True,
              **backend_kwargs) -> Dict[str, Any]:
-    """Evaluate ``source`` (checkpoint / model for ``torch``, .onnx for ``onnxruntime``, .engine or
+    """Evaluate ``source`` (checkpoint / model for ``torch``, .onnx for ``onnxruntime`` and
+    ``openvino``, .engine or
     .onnx for ``tensorrt``) on the config's validation set; returns the metrics dict.
 
     Checked before any inference, each with one line: ``img_size`` (else ``data.img_size``) is a

@@ -1,8 +1,9 @@
 """Runtime backends behind one interface: ``backend(imgs) -> raw predictions (B, N, 5+nc)``.
 
 ``imgs`` is a float tensor (B, 3, H, W) in [0, 1] (uint8 / 255). Backends: a torch model
-(:class:`TorchBackend`), ONNX Runtime (:class:`OrtBackend`) and TensorRT (:class:`TrtBackend`,
-via ``deploy/trt.py``; needs ``tensorrt`` and a CUDA GPU). A graph exported with end-to-end NMS
+(:class:`TorchBackend`), ONNX Runtime (:class:`OrtBackend`), OpenVINO on CPU (:class:`OvBackend`;
+optional ``openvino`` package: a float ONNX runs in FP32, a QDQ ONNX in INT8) and TensorRT
+(:class:`TrtBackend`, via ``deploy/trt.py``; needs ``tensorrt`` and a CUDA GPU). A graph exported with end-to-end NMS
 returns the tuple ``(num_dets, det_boxes, det_scores, det_classes)`` instead (``end2end=True``);
 :func:`yolo_q.eval.evaluate` handles both.
 
@@ -27,14 +28,16 @@ from ..export.fp16 import is_fp16_graph, write_fp16
 from ..export.qdq import resolve_ort_weights
 from ..quant.load import load_model
 
-__all__ = ["Backend", "TorchBackend", "OrtBackend", "TrtBackend", "build_backend",
-           "BACKEND_KINDS", "PAD_VALUE"]
+__all__ = ["Backend", "TorchBackend", "OrtBackend", "OvBackend", "TrtBackend", "build_backend",
+           "BACKEND_KINDS", "PAD_VALUE", "OV_HINTS", "OV_PRECISIONS", "openvino_missing"]
 
 PAD_VALUE = 114 / 255.0  # letterbox grey
 E2E_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
-BACKEND_KINDS = ("torch", "onnxruntime", "tensorrt")
+BACKEND_KINDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 _ALIASES = {"pt": "torch", "pytorch": "torch", "ort": "onnxruntime", "onnx": "onnxruntime",
-            "trt": "tensorrt"}
+            "ov": "openvino", "trt": "tensorrt"}
+OV_HINTS = ("LATENCY", "THROUGHPUT")
+OV_PRECISIONS = ("f32", "bf16", "f16")
 PathLike = Union[str, os.PathLike]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -219,6 +222,99 @@ class OrtBackend(Backend):
         return _run_batched(self._run, x, self.fixed_batch)
 
 
+def openvino_missing() -> Optional[str]:
+    """None when the optional ``openvino`` package imports, else why not (one line)."""
+    try:
+        import openvino  # noqa: F401
+        return None
+    except ImportError as e:
+        return (f"OpenVINO backend needs the openvino package (pip install -c constraints.txt "
+                f"'.[openvino]'): {e}")
+
+
+def _ov_static(dim) -> Optional[int]:
+    return dim.get_length() if dim.is_static else None
+
+
+def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "LATENCY",
+               precision: str = "f32", batch: Optional[int] = None):
+    """Read an ONNX file and compile it for the OpenVINO CPU plugin: ``threads`` inference
+    threads (None: OpenVINO's default, all cores), performance ``hint`` LATENCY (one stream:
+    every thread on one request; what a synchronous call of one batch wants) or THROUGHPUT
+    (several streams, for parallel requests), ``precision`` of the non-INT8 layers (``f32``
+    by default; OpenVINO itself would pick bf16 on CPUs with AMX/AVX512-BF16, which is faster
+    but no longer FP32-exact; None leaves OpenVINO's default), ``batch``: reshape a dynamic batch to this static size (static
+    shapes compile to faster kernels). A QDQ ONNX runs its quantized layers in INT8 (OpenVINO's
+    low-precision transformations fuse the Q/DQ pairs into integer convolutions)."""
+    why = openvino_missing()
+    if why:
+        raise RuntimeError(why)
+    import openvino as ov
+    hint = str(hint).upper()
+    if hint not in OV_HINTS:
+        raise ValueError(f"OpenVINO hint must be one of {', '.join(OV_HINTS)}, got {hint!r}")
+    if precision is not None and precision not in OV_PRECISIONS:
+        raise ValueError(f"OpenVINO precision must be one of {', '.join(OV_PRECISIONS)}, "
+                         f"got {precision!r}")
+    core = ov.Core()
+    try:
+        model = core.read_model(str(onnx_path))
+    except Exception as e:  # noqa: BLE001  (OpenVINO raises its own exception types)
+        raise RuntimeError(f"{onnx_path}: OpenVINO could not read the model: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else e}") from e
+    if batch:
+        shape = model.input(0).get_partial_shape()
+        shape[0] = int(batch)
+        model.reshape({model.input(0).get_any_name(): shape})
+    props = ov.properties
+    config = {props.hint.performance_mode: getattr(props.hint.PerformanceMode, hint)}
+    if precision is not None:  # None: OpenVINO's default for this CPU
+        config[props.hint.inference_precision] = getattr(ov.Type, precision)
+    if threads:
+        config[props.inference_num_threads] = int(threads)
+    return core.compile_model(model, "CPU", config)
+
+
+class OvBackend(Backend):
+    """OpenVINO on CPU from an ONNX file (float -> FP32, QDQ -> INT8); see :func:`ov_compile`
+    for ``threads``, ``hint`` and ``precision``."""
+
+    kind = "openvino"
+
+    def __init__(self, onnx_path: PathLike, threads: Optional[int] = None, hint: str = "LATENCY",
+                 precision: Optional[str] = "f32"):
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX model not found")
+        self.compiled = ov_compile(self.path, threads, hint, precision)
+        self.request = self.compiled.create_infer_request()
+        shape = self.compiled.input(0).get_partial_shape()
+        if shape.rank.is_dynamic or len(shape) != 4:
+            raise ValueError(f"{self.path}: expected a (B, 3, H, W) input, got {shape}")
+        self.fixed_batch = _ov_static(shape[0])
+        hw = (_ov_static(shape[2]), _ov_static(shape[3]))
+        self.input_hw = hw if None not in hw else None
+        names = {n: i for i, o in enumerate(self.compiled.outputs) for n in o.get_names()}
+        self.end2end = set(E2E_OUTPUTS) <= set(names)
+        self._outputs = ([names[n] for n in E2E_OUTPUTS] if self.end2end else
+                         [names.get("outputs", 0)])
+        if not self.end2end:
+            out = self.compiled.output(self._outputs[0]).get_partial_shape()
+            self.nc = _nc_from_shape([_ov_static(d) for d in out] if out.rank.is_static else [])
+        self.device = torch.device("cpu")
+
+    def _run(self, x: torch.Tensor):
+        arr = np.ascontiguousarray(x.detach().cpu().numpy().astype(np.float32, copy=False))
+        self.request.infer({0: arr})
+        ts = [torch.from_numpy(np.array(self.request.get_output_tensor(i).data))
+              for i in self._outputs]
+        return tuple(ts) if self.end2end else ts[0].float()
+
+    def __call__(self, imgs: torch.Tensor):
+        x = _fit_hw(imgs.float(), self.input_hw, str(self.path))
+        return _run_batched(self._run, x, self.fixed_batch)
+
+
 def load_deploy_trt():
     """Import ``deploy/trt.py`` lazily: as ``deploy.trt`` when the repository root is on the path,
     else from the file next to the package (a source checkout)."""
@@ -317,6 +413,7 @@ def build_backend(kind: str, source=None, **kwargs) -> Backend:
     """Backend by name: ``torch`` (``source``: a model, or a checkpoint path loaded with
     :func:`yolo_q.load_model`; kwargs ``cfg``, ``device``, ``fuse``, ``half``),
     ``onnxruntime``/``ort`` (``source``: .onnx; ``threads``, ``providers``),
+    ``openvino``/``ov`` (``source``: .onnx; ``threads``, ``hint``, ``precision``),
     ``tensorrt``/``trt`` (``source``: .engine or .onnx; see :class:`TrtBackend`)."""
     kind = _ALIASES.get(kind.lower(), kind.lower())
     if kind not in BACKEND_KINDS:
@@ -336,4 +433,6 @@ def build_backend(kind: str, source=None, **kwargs) -> Backend:
         return TorchBackend(model, device=device, fuse=fuse, **kwargs)
     if kind == "onnxruntime":
         return OrtBackend(source, **kwargs)
+    if kind == "openvino":
+        return OvBackend(source, **kwargs)
     return TrtBackend(source, **kwargs)

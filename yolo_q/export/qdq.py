@@ -368,6 +368,19 @@ def _layer_tensors(proto, spec: dict):
     return in_name, dq, out, q
 
 
+def _layer_out(layer, x: torch.Tensor):
+    """The layer's output where its output quantizer sits: before the activation for a
+    ``quant_before_act`` layer (what the ONNX's QuantizeLinear holds), else after it."""
+    if not getattr(layer, "quant_before_act", False):
+        return layer(x).double().cpu().numpy()
+    act = layer.act
+    layer.act = torch.nn.Identity()
+    try:
+        return layer(x).double().cpu().numpy()
+    finally:
+        layer.act = act
+
+
 def layer_parity(model: nn.Module, path: PathLike, batch) -> Dict[str, Dict[str, float]]:
     """Per quantized conv layer, does ONNX Runtime compute what the fake-quant layer computes?
 
@@ -435,7 +448,7 @@ def layer_parity(model: nn.Module, path: PathLike, batch) -> Dict[str, Dict[str,
             for name, (in_name, dq, out_name, q) in plan.items():
                 xin, _ = deq(in_name, dq)
                 y_ort, step = deq(out_name, q)
-                y = layers[name](torch.from_numpy(xin).float().to(device)).double().cpu().numpy()
+                y = _layer_out(layers[name], torch.from_numpy(xin).float().to(device))
                 if step is None:
                     step = max(float(np.abs(y).max()) / 127.0, 1e-12)
                 d = np.abs(y - y_ort) / step

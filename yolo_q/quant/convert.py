@@ -12,7 +12,11 @@ Nothing global is patched: a deep copy of the model is returned, with
   explicit quantization); flavour ``onnxruntime``: the OUTPUT of every quantized conv is quantized
   (uint8 zero point 0 after ReLU, the signed grid stored as uint8 otherwise) and an input is
   quantized only when no quantized producer already did it, so ONNX Runtime fuses
-  DequantizeLinear -> Conv -> (Relu) -> QuantizeLinear into QLinearConv;
+  DequantizeLinear -> Conv -> (Relu) -> QuantizeLinear into QLinearConv; with
+  ``preact_output`` (default) a conv whose activation is not ReLU-like (SiLU) quantizes its
+  output BEFORE the activation (layer spec ``output_at: "pre"``): ONNX Runtime cannot fuse a
+  SiLU into QLinearConv, so this keeps the conv integer, and the activation's readers quantize
+  its output with their own input quantizers;
 * high-precision outputs: the prediction convs (``detect.cls_preds.*``, ``detect.reg_preds.*``)
   quantize input and weights, nothing quantizes their outputs (``high_precision_outputs=False``
   adds a signed output quantizer, for comparison);
@@ -49,7 +53,8 @@ STATE_VERSION = 1
 _STATE_ATTR = "_yolo_q_quant_state"
 
 _DEFAULTS = dict(flavour="tensorrt", num_bits=8, per_channel_weights=True, skip_dfl=True,
-                 high_precision_outputs=True, share_concat_scales=True, skip_layers=[],
+                 high_precision_outputs=True, preact_output=True, share_concat_scales=True,
+                 skip_layers=[],
                  calib="percentile", percentile=99.99, num_histogram_bins=2048,
                  calib_batches=16)
 
@@ -128,6 +133,9 @@ def plan(model: nn.Module, settings: dict) -> dict:
         return any(fnmatch.fnmatchcase(name, p) for p in OUTPUT_LAYERS)
 
     out_kind: Dict[str, str] = {}
+    pre = {l.name for l in quant if flavour == "onnxruntime" and settings["preact_output"]
+           and l.kind != "maxpool" and l.act_type and l.act_type not in NONNEG_ACTS
+           and not is_output(l.name)}
     for l in quant:
         if l.kind == "maxpool":
             nonneg = all(g.nonneg(c.args[0]) for c in l.calls)
@@ -136,7 +144,8 @@ def plan(model: nn.Module, settings: dict) -> dict:
         elif is_output(l.name):
             out_kind[l.name] = "" if hp else "signed"
         elif flavour == "onnxruntime":
-            out_kind[l.name] = "unsigned" if l.act_type in NONNEG_ACTS else "signed"
+            out_kind[l.name] = "unsigned" if l.act_type in NONNEG_ACTS and l.name not in pre \
+                else "signed"
         else:
             out_kind[l.name] = ""
 
@@ -145,12 +154,13 @@ def plan(model: nn.Module, settings: dict) -> dict:
         in_kind, input_from = "signed", f"{l.name}._input_quantizer"
         if flavour == "onnxruntime":
             producers = [g.producer_layer(c.args[0]) for c in l.calls]
-            if all(p in qnames and out_kind[p] for p in producers):
+            if all(p in qnames and out_kind[p] and p not in pre for p in producers):
                 in_kind, input_from = "", f"{producers[0]}._output_quantizer"
             elif all(g.nonneg(c.args[0]) for c in l.calls):
                 in_kind = "unsigned"
         specs.append(dict(name=l.name, kind=l.kind, act=l.act, act_type=l.act_type,
-                          input=in_kind, output=out_kind[l.name], input_from=input_from))
+                          input=in_kind, output=out_kind[l.name], input_from=input_from,
+                          output_at="pre" if l.name in pre else "post"))
 
     shared: List[List[str]] = []
     if settings["share_concat_scales"]:
@@ -158,6 +168,7 @@ def plan(model: nn.Module, settings: dict) -> dict:
     return dict(version=STATE_VERSION, flavour=flavour, num_bits=int(settings["num_bits"]),
                 per_channel_weights=bool(settings["per_channel_weights"]),
                 high_precision_outputs=bool(hp),
+                preact_output=bool(settings["preact_output"] and flavour == "onnxruntime"),
                 share_concat_scales=bool(settings["share_concat_scales"]),
                 skip=sorted(skip), skip_layers=list(settings["skip_layers"]),
                 calib=str(settings["calib"]), percentile=float(settings["percentile"]),
@@ -177,7 +188,8 @@ def _shared_groups(g: ModelGraph, quant, specs) -> List[List[str]]:
         if spec["input"]:
             attach += [(f"{l.name}._input_quantizer", c.args[0]) for c in l.calls]
         if spec["output"]:
-            attach += [(f"{l.name}._output_quantizer", n) for n in l.out_nodes]
+            nodes = l.calls if spec.get("output_at") == "pre" else l.out_nodes
+            attach += [(f"{l.name}._output_quantizer", n) for n in nodes]
         for qname, node in attach:
             order.setdefault(qname, len(order))
             by_class.setdefault(rep[node], []).append(qname)
@@ -247,6 +259,7 @@ def _apply(model: nn.Module, state: dict) -> None:
                 _set_submodule(model, spec["act"], nn.Identity())
             cls = QuantConvTranspose2d if spec["kind"] == "conv_transpose" else QuantConv2d
             new = cls.from_float(m, act, in_q, w_q, out_q)
+            new.quant_before_act = spec.get("output_at") == "pre"
         new.to(device)  # the quantizer buffers (pools have no parameters of their own)
         _set_submodule(model, name, new)
 

@@ -124,12 +124,24 @@ def _int_conv(layer, x_codes: torch.Tensor, x_grid: _Grid) -> Tuple[torch.Tensor
     return acc.long(), acc_scale
 
 
+def _multipliers(acc_scale: torch.Tensor, out: "_Grid", acc: torch.Tensor):
+    pairs = [quantize_multiplier(m) for m in (acc_scale / out.scale).tolist()]
+    m0 = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=acc.device)
+    sh = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=acc.device)
+    return m0, sh
+
+
 def _check_conv(layer, spec, x: torch.Tensor, y_ref: torch.Tensor, x_q: TensorQuantizer) -> float:
     x_grid = _Grid.of(x_q)
     x_codes = x_grid.codes(x_q.fake_quant(x) if layer._input_quantizer is not None else x)
     acc, acc_scale = _int_conv(layer, x_codes, x_grid)
     out = _output_grid(layer, spec, y_ref)
     act = spec["act_type"]
+    if spec.get("output_at") == "pre":  # requantize the accumulator, then the float activation
+        q = (requantize(acc, *_multipliers(acc_scale, out, acc)) + out.zp).clamp(out.lo, out.hi)
+        y = layer.act(out.dequant(q).float()).double()
+        return float(((y - y_ref.double()).abs() / out.scale.view(-1, 1, 1) if out.scale.dim()
+                      else (y - y_ref.double()).abs() / out.scale).max())
     if act in ("", "relu"):
         mult = (acc_scale / out.scale).tolist()
         pairs = [quantize_multiplier(m) for m in mult]

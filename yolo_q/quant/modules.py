@@ -1,6 +1,8 @@
 """Quantized layers: drop-in subclasses of the torch modules they replace.
 
-A quantized conv layer computes ``out_q(act(conv(in_q(x), w_q(W)) + b))``: the activation that
+A quantized conv layer computes ``out_q(act(conv(in_q(x), w_q(W)) + b))`` (or
+``act(out_q(conv(...)))`` with ``quant_before_act``: the output quantized before an activation
+the runtime cannot fuse into its integer conv): the activation that
 followed the conv in the float model is absorbed into the layer (its old module becomes an
 ``nn.Identity``), so one layer = conv + activation + optional output quantizer, the unit that
 TensorRT / ONNX Runtime fuse. Quantizers that a layer does not need are ``None`` (no buffers).
@@ -37,6 +39,14 @@ class QuantLayerMixin:
     def _quant_out(self, y):
         return self._output_quantizer(y) if self._output_quantizer is not None else y
 
+    quant_before_act = False  # set by convert (layer spec output_at == "pre")
+
+    def _act_out(self, y):
+        """Activation and output quantizer, in the layer's order."""
+        if self.quant_before_act:
+            return self.act(self._quant_out(y))
+        return self._quant_out(self.act(y))
+
     def _quant_w(self):
         return self._weight_quantizer(self.weight) if self._weight_quantizer is not None \
             else self.weight
@@ -66,7 +76,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     def forward(self, x):
         y = self._conv_forward(self._quant_in(x), self._quant_w(), self.bias)
-        return self._quant_out(self.act(y))
+        return self._act_out(y)
 
 
 class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
@@ -95,7 +105,7 @@ class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
                                               self.kernel_size, 2, self.dilation)
         y = F.conv_transpose2d(self._quant_in(x), self._quant_w(), self.bias, self.stride,
                                self.padding, output_padding, self.groups, self.dilation)
-        return self._quant_out(self.act(y))
+        return self._act_out(y)
 
 
 class QuantMaxPool2d(QuantLayerMixin, nn.MaxPool2d):
