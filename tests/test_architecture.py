@@ -202,6 +202,15 @@ def longest_functions(root: Path = ROOT, top: int = 10) -> List[Tuple[int, str]]
     return sorted(out, reverse=True)[:top]
 
 
+MAX_FUNCTION_LINES = 80  # issue #19: no god-functions in the library
+
+
+def test_no_library_function_longer_than_the_limit():
+    too_long = [f"{where} ({n} lines)" for n, where in longest_functions(top=20)
+                if n > MAX_FUNCTION_LINES]
+    assert not too_long, f"split these into named steps: {too_long}"
+
+
 def main() -> int:
     edges, in_functions = import_graph()
     mod_cycles = cycles(sorted(modules()), edges)

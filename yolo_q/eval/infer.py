@@ -25,7 +25,7 @@ from ..data.images import (IMAGE_EXTS, VIDEO_EXTS, config_class_names, image_bat
                            letterbox_batch, list_images, read_image)
 from .backends import Backend, build_backend
 from .postprocess import e2e_to_detections, postprocess, scale_boxes
-from ..io import check_output_file, make_output_dir, read_checkpoint_any
+from ..io import check_output_file, make_output_dir, read_checkpoint_any, write_text_atomic
 
 __all__ = ["IMAGE_EXTS", "VIDEO_EXTS", "list_images", "letterbox_batch", "image_batches",
            "detect", "draw_detections", "class_names", "run_inference"]
@@ -137,7 +137,30 @@ def run_inference(cfg, backend: str, model_source, source: PathLike, out_dir: Pa
     ``backend`` (torch | onnxruntime | tensorrt; ``model_source`` a checkpoint/model, ONNX or
     engine) and write the drawn images (or ``<video stem>.mp4``) plus ``detections.json`` to
     ``out_dir``. Returns ``{"json", "images", "detections", "out_dir", "names"}``."""
-    import cv2
+    engine, img_size = _inference_backend(cfg, backend, model_source, img_size, backend_kwargs)
+    names = class_names(cfg, engine)
+    src = Path(str(source)).expanduser()
+    is_video = src.is_file() and src.suffix.lower() in VIDEO_EXTS
+    files = [] if is_video else list_images(source)
+    inputs = [model_source, source]
+    check_output_file(Path(out_dir) / "detections.json", inputs, what="detections file")
+    out = make_output_dir(out_dir, inputs, what="--out directory",
+                          same_names=([src] if is_video else files) if save_images else ())
+    args = dict(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes)
+    if is_video:
+        results = _infer_video(engine, src, out, img_size, names, args, save_images, max_frames)
+    else:
+        results = _infer_images(engine, files, out, img_size, names, args, save_images,
+                                batch_size)
+    json_path = write_text_atomic(out / "detections.json", json.dumps(results, indent=1))
+    return {"json": str(json_path), "images": len(results),
+            "detections": sum(len(r["detections"]) for r in results),
+            "out_dir": str(out), "names": names}
+
+
+def _inference_backend(cfg, backend: str, model_source, img_size, backend_kwargs):
+    """The backend (a torch checkpoint with its own config; ``cfg`` for a plain state dict) and
+    the checked square input size."""
     kw = dict(backend_kwargs)
     if backend == "torch" and isinstance(model_source, (str, os.PathLike)):
         # the checkpoint's own config (inferred for official ones); cfg for a plain state dict
@@ -153,60 +176,55 @@ def run_inference(cfg, backend: str, model_source, source: PathLike, out_dir: Pa
     stride = 32
     if img_size % stride:
         raise ValueError(f"--imgsz {img_size} must be a multiple of {stride}")
-    names = class_names(cfg, engine)
-    src = Path(str(source)).expanduser()
-    is_video = src.is_file() and src.suffix.lower() in VIDEO_EXTS
-    files = [] if is_video else list_images(source)
-    inputs = [model_source, source]
-    check_output_file(Path(out_dir) / "detections.json", inputs, what="detections file")
-    out = make_output_dir(out_dir, inputs, what="--out directory",
-                          same_names=([src] if is_video else files) if save_images else ())
+    return engine, img_size
+
+
+def _infer_video(engine, src: Path, out: Path, img_size: int, names, args, save_images: bool,
+                 max_frames: Optional[int]) -> List[Dict[str, Any]]:
+    import cv2
     results: List[Dict[str, Any]] = []
-    args = dict(conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes)
-    n_det = 0
-    if is_video:
-        writer = None
-        try:
-            for i, frame, fps in _video_frames(src):
-                if max_frames is not None and i >= max_frames:
-                    break
-                det = detect(engine, [frame], img_size, **args)[0]
-                n_det += len(det)
-                results.append({"file": str(src), "frame": i, "width": frame.shape[1],
-                                "height": frame.shape[0], "detections": _records(det, names)})
-                if save_images:
-                    if writer is None:
-                        vpath = out / f"{src.stem}.mp4"
-                        writer = cv2.VideoWriter(str(vpath), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                 fps, (frame.shape[1], frame.shape[0]))
-                    writer.write(draw_detections(frame, det, names))
-        finally:
-            if writer is not None:
-                writer.release()
-        if not results:
-            raise ValueError(f"{src}: the video has no readable frames")
-    else:
-        used: set = set()
-        for s in range(0, len(files), batch_size):
-            chunk, imgs = [], []
-            for f in files[s:s + batch_size]:
-                try:
-                    imgs.append(read_image(f))
-                    chunk.append(f)
-                except ValueError as e:
-                    logger.warning("skipping %s", e)
-            if not imgs:
-                continue
-            dets = detect(engine, imgs, img_size, **args)
-            for f, img, det in zip(chunk, imgs, dets):
-                n_det += len(det)
-                results.append({"file": str(f), "frame": None, "width": img.shape[1],
-                                "height": img.shape[0], "detections": _records(det, names)})
-                if save_images:
-                    name = f.name if f.name not in used else f"{len(used)}_{f.name}"
-                    used.add(name)
-                    cv2.imwrite(str(out / name), draw_detections(img, det, names))
-    json_path = out / "detections.json"
-    json_path.write_text(json.dumps(results, indent=1))
-    return {"json": str(json_path), "images": len(results), "detections": n_det,
-            "out_dir": str(out), "names": names}
+    writer = None
+    try:
+        for i, frame, fps in _video_frames(src):
+            if max_frames is not None and i >= max_frames:
+                break
+            det = detect(engine, [frame], img_size, **args)[0]
+            results.append({"file": str(src), "frame": i, "width": frame.shape[1],
+                            "height": frame.shape[0], "detections": _records(det, names)})
+            if save_images:
+                if writer is None:
+                    writer = cv2.VideoWriter(str(out / f"{src.stem}.mp4"),
+                                             cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                             (frame.shape[1], frame.shape[0]))
+                writer.write(draw_detections(frame, det, names))
+    finally:
+        if writer is not None:
+            writer.release()
+    if not results:
+        raise ValueError(f"{src}: the video has no readable frames")
+    return results
+
+
+def _infer_images(engine, files, out: Path, img_size: int, names, args, save_images: bool,
+                  batch_size: int) -> List[Dict[str, Any]]:
+    import cv2
+    results: List[Dict[str, Any]] = []
+    used: set = set()
+    for s in range(0, len(files), batch_size):
+        chunk, imgs = [], []
+        for f in files[s:s + batch_size]:
+            try:
+                imgs.append(read_image(f))
+                chunk.append(f)
+            except ValueError as e:
+                logger.warning("skipping %s", e)
+        if not imgs:
+            continue
+        for f, img, det in zip(chunk, imgs, detect(engine, imgs, img_size, **args)):
+            results.append({"file": str(f), "frame": None, "width": img.shape[1],
+                            "height": img.shape[0], "detections": _records(det, names)})
+            if save_images:
+                name = f.name if f.name not in used else f"{len(used)}_{f.name}"
+                used.add(name)
+                cv2.imwrite(str(out / name), draw_detections(img, det, names))
+    return results
