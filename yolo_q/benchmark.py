@@ -13,13 +13,17 @@ ratios are only computed between rows of the same run. Denormals are flushed to 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import functools
 import logging
+import multiprocessing
 import os
 import platform
 import subprocess
 import tempfile
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -502,6 +506,35 @@ class _Bench:
     calib_src: str = ""
     onnx_files: Dict[str, Path] = field(default_factory=dict)
     runtimes: Dict[str, Runtime] = field(default_factory=dict)
+
+
+class BenchmarkProcessError(RuntimeError):
+    """The speed benchmark's own process ended abnormally (e.g. a native crash in a runtime)."""
+
+
+def _prefixed_log(prefix: str, msg: str) -> None:
+    print(f"{prefix}{msg}", flush=True)
+
+
+def _no_log(msg: str) -> None:
+    pass
+
+
+def speed_benchmark_isolated(cfg, log_prefix: Optional[str] = "", **kwargs) -> Dict[str, Any]:
+    """:func:`speed_benchmark` in a fresh (spawned) process: every runtime starts from a clean
+    process, as when a user runs ``tools/benchmark.py``, and a native crash inside a runtime
+    (seen once in a long-lived process that had already run OpenVINO and ONNX Runtime
+    evaluations) becomes a :class:`BenchmarkProcessError` instead of ending the caller."""
+    kwargs["log"] = (functools.partial(_prefixed_log, log_prefix) if log_prefix is not None
+                     else _no_log)
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            return pool.submit(speed_benchmark, copy_config(cfg), **kwargs).result()
+    except BrokenProcessPool:
+        raise BenchmarkProcessError("the speed benchmark's process ended abnormally (a crash "
+                                    "inside a runtime); run tools/benchmark.py speed alone "
+                                    "to see it") from None
 
 
 def speed_benchmark(cfg, weights=None, quant_weights: Sequence[str] = (), img_size: int = 640,

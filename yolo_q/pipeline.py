@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from .config import copy_config, save_config
 from .io import write_json
-from .benchmark import format_speed_table, speed_benchmark
+from .benchmark import BenchmarkProcessError, format_speed_table, speed_benchmark_isolated
 from .config import config_to_dict
 from .data import load_data_yaml
 from .data.synthetic import generate
@@ -443,10 +443,16 @@ class Pipeline:
         data_dir = Path(self.cfg.data.dataset).parent
         calib = next((str(d) for d in (data_dir / "images" / "train", data_dir / "images")
                       if d.is_dir()), None)
-        res = speed_benchmark(cfg, weights=tr.weights, quant_weights=[final], img_size=size,
-                              batches=[int(b) for b in p.speed_batches], threads=int(p.threads),
-                              iters=int(p.speed_iters), iters_large=max(3, int(p.speed_iters) // 4),
-                              calib=calib, calib_num=16, log=lambda s: self.say(f"[speed] {s}"))
+        try:  # its own process: clean runtimes, and a native crash cannot end the pipeline
+            res = speed_benchmark_isolated(
+                cfg, log_prefix="[speed] " if self.verbose else None, weights=tr.weights,
+                quant_weights=[final], img_size=size, batches=[int(b) for b in p.speed_batches],
+                threads=int(p.threads), iters=int(p.speed_iters),
+                iters_large=max(3, int(p.speed_iters) // 4), calib=calib, calib_num=16)
+        except BenchmarkProcessError as e:
+            self.say(f"[speed] skipped: {e}")
+            return {"json": None, "rows": [], "notes": [f"speed stage skipped: {e}"],
+                    "cpu": None}
         self.say(format_speed_table(res))
         path = self.vdir(variant) / "speed.json"
         path.write_text(json.dumps(res, indent=2, default=str))
