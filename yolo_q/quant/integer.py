@@ -125,6 +125,7 @@ def _int_conv(layer, x_codes: torch.Tensor, x_grid: _Grid) -> Tuple[torch.Tensor
 
 
 def _multipliers(acc_scale: torch.Tensor, out: "_Grid", acc: torch.Tensor):
+    """Fixed-point (m0, shift) per channel for requantizing the accumulator to ``out``."""
     pairs = [quantize_multiplier(m) for m in (acc_scale / out.scale).tolist()]
     m0 = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=acc.device)
     sh = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=acc.device)
@@ -146,11 +147,7 @@ def _check_conv(layer, spec, x: torch.Tensor, y_ref: torch.Tensor, x_q: TensorQu
                                                            layer.bias))
         return float((q - out.codes(pre_ref)).abs().max())
     if act in ("", "relu"):
-        mult = (acc_scale / out.scale).tolist()
-        pairs = [quantize_multiplier(m) for m in mult]
-        m0 = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=acc.device)
-        sh = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=acc.device)
-        q = requantize(acc, m0, sh) + out.zp
+        q = requantize(acc, *_multipliers(acc_scale, out, acc)) + out.zp
         lo = max(out.lo, out.zp) if act == "relu" else out.lo
         q = q.clamp(lo, out.hi)
     else:  # float epilogue for non-piecewise-linear activations
