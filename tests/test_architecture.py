@@ -19,7 +19,7 @@ FLOORS = {
     "yolo_q.engine": 2,
     "yolo_q.eval": 3, "yolo_q.quant": 3, "yolo_q.export": 3,
     "yolo_q.pipeline": 4, "yolo_q.report": 4, "yolo_q.benchmark": 4, "yolo_q.cli": 4,
-    "yolo_q.training": 4, "yolo_q.ladder": 4,
+    "yolo_q.training": 4, "yolo_q.ladder": 4, "yolo_q.reference": 4,
     "yolo_q": 5,  # the package top: load_config, build_model, load_model
 }
 

@@ -3,13 +3,14 @@
 
     python tools/convert.py yolov6s.pt yolov6s_yoloq.pt
     python tools/convert.py yolov6s.pt out.pt --config configs/yolov6s.yaml model.nc=80
+    python tools/convert.py runs/train/exp/weights/last.pt small.pt --fp16   # float16 storage
 """
 import argparse
 
 from yolo_q.cli import run_tool
 from yolo_q.config import config_to_dict, load_config
 from yolo_q import load_model
-from yolo_q.io import check_output_file, save_checkpoint
+from yolo_q.io import check_output_file, half_state, save_checkpoint
 
 
 def get_args_parser():
@@ -17,6 +18,8 @@ def get_args_parser():
     p.add_argument("src", help="official YOLOv6 checkpoint or state dict")
     p.add_argument("dst", help="output yolo_q checkpoint (.pt)")
     p.add_argument("--config", "-c", default=None, help="config of the model (default: inferred)")
+    p.add_argument("--fp16", action="store_true",
+                   help="store the floating tensors as float16 (half the size; loads as float32)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -27,10 +30,12 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides) if args.config else None
     model = load_model(args.src, cfg=cfg)
     cfg = model.yolo_q_config
-    save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg),
+    sd = half_state(model.state_dict()) if args.fp16 else model.state_dict()
+    save_checkpoint({"model": sd, "config": config_to_dict(cfg),
                      "fused": model.is_fused, "source": str(args.src)}, args.dst)
     print(f"wrote {args.dst}: {cfg.model.name}, nc={cfg.model.nc}, "
-          f"{'fused' if model.is_fused else 'training'} form, {len(model.state_dict())} tensors")
+          f"{'fused' if model.is_fused else 'training'} form, {len(sd)} tensors"
+          f"{', float16' if args.fp16 else ''}")
     return 0
 
 

@@ -81,6 +81,12 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, ModuleNotFoundError) and e.name:
         return f"{e} (install it: pip install {e.name.split('.')[0]})"
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        # re-raised from a DataLoader worker: the message is the worker's traceback, whose last
+        # line is "<module>.<Type>: <message>"
+        head, sep, msg = lines[-1].partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == type(e).__name__:
+            lines = [msg]
     if lines and lines[0].startswith(OPENVINO_TRACE):  # C++ source locations, then the message
         lines = [" ".join(ln for ln in lines if not ln.startswith(OPENVINO_TRACE + ("Check '",)))]
     return lines[0] if lines and lines[0] else type(e).__name__

@@ -3,7 +3,12 @@ after the scan) trains to the end; every skip is counted in the log and the run 
 import logging
 import random
 
+import pytest
+import torch
+
 from reliability_utils import tiny_cfg, tiny_dataset
+from yolo_q.cli import is_expected, one_line
+from yolo_q.data.dataset import BrokenDatasetError
 from yolo_q.engine import Hook
 from yolo_q.io import load_checkpoint
 from yolo_q.training import train
@@ -51,3 +56,35 @@ def test_training_survives_corrupt_images_and_labels(tmp_path, caplog):
     assert "train: bad data: 2 corrupt images skipped, 6 labels dropped" in log
     assert f"cannot read {gone}, substituting another sample" in log
     assert "epoch 1/1 done" in log
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise BrokenDatasetError("train: 16 unreadable images in a row from data/x; broken")
+
+
+def test_broken_dataset_is_one_line_even_from_a_dataloader_worker():
+    """The error re-raised by a DataLoader worker carries the worker's traceback as its
+    message: the tools still print the one line (and exit 2, not 'internal error')."""
+    with pytest.raises(BrokenDatasetError) as info:
+        next(iter(torch.utils.data.DataLoader(_Broken(), num_workers=1)))
+    assert "Original Traceback" in str(info.value)
+    assert is_expected(info.value)
+    assert one_line(info.value) == "train: 16 unreadable images in a row from data/x; broken"
+
+
+def test_every_image_gone_after_the_scan_stops_with_broken_dataset(tmp_path):
+    yaml_path = tiny_dataset(tmp_path / "data", n_train=20, n_val=4)
+    cfg = tiny_cfg(yaml_path, tmp_path / "runs", epochs=1)
+    images = sorted((tmp_path / "data" / "images" / "train").glob("*.jpg"))
+
+    class DeleteAll(Hook):
+        def before_train(self):
+            for p in images:
+                p.unlink()
+
+    with pytest.raises(BrokenDatasetError, match="unreadable images in a row from"):
+        train(cfg, extra_hooks=[DeleteAll()])

@@ -13,26 +13,7 @@ from yolo_q.data.synthetic import generate
 from yolo_q.ladder import parse_variant
 from yolo_q.training import train
 
-TINY = """\
-_base_: {repo}/configs/yolov6n.yaml
-model: {{nc: 8, width_multiple: 0.125}}
-data: {{dataset: {tmp}/data/synthetic.yaml, img_size: 64, workers: 0, cache_labels: false,
-       augment: {{mosaic: 0.0}}}}
-train: {{epochs: 1, batch_size: 8, nominal_batch: 8, device: cpu, progress_bar: false,
-        tensorboard: false, lr0: 0.02, warmup_epochs: 0, output_dir: {tmp}/runs/train,
-        name: float}}
-eval: {{batch_size: 8}}
-quant: {{calib_batches: 1, sensitivity_images: 8, sensitivity_proxy_images: 4, qat: {{epochs: 1}}}}
-pipeline:
-  output_dir: {tmp}/runs/pipeline
-  synthetic: {{out: {tmp}/data, train: 16, val: 8, size: 64, seed: 1}}
-  calib_methods: [max, percentile]
-  sensitivity_mode: proxy
-  max_drop: 0.3
-  speed_iters: 1
-  speed_batches: [1]
-  eval_batch: 8
-"""
+from conftest import TINY
 
 
 def test_ladder_end_to_end(repo_root, tmp_path):

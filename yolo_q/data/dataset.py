@@ -99,6 +99,12 @@ def _add_counts(total: Dict[str, int], counts: Dict[str, int]) -> None:
         total[k] = total.get(k, 0) + v
 
 
+class BrokenDatasetError(RuntimeError):
+    """Too many images of a scanned dataset fail to decode at training time (changed or
+    removed files); names the source folder."""
+    user_facing = True  # tools print the message as one line (yolo_q.cli.run_tool)
+
+
 class DetectionDataset(Dataset):
     """Images + YOLO txt labels (label dir: ``/images/`` -> ``/labels/``) or a COCO JSON.
 
@@ -344,7 +350,7 @@ class DetectionDataset(Dataset):
                                "bad_report['runtime_failures'])", self.prefix, self.im_files[index])
             self._state[2] += 1
             index = int(rng.integers(n))
-        raise RuntimeError(f"{self.prefix}: {MAX_SUBSTITUTIONS} unreadable images in a row from "
+        raise BrokenDatasetError(f"{self.prefix}: {MAX_SUBSTITUTIONS} unreadable images in a row from "
                            f"{self.source}; the dataset is broken (see bad_report)")
 
     def _letterboxed(self, index: int, rng: np.random.Generator):

@@ -22,6 +22,20 @@ def save_checkpoint(obj: Dict[str, Any], path: PathLike) -> Path:
     return write_bytes_atomic(path, lambda f: torch.save(obj, f))
 
 
+def half_state(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``sd`` with every floating tensor stored as float16 (half the file; a float32 model loads
+    it with ``load_state_dict``, which casts back). Refuses values float16 cannot hold."""
+    out = {}
+    for k, v in sd.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            h = v.detach().to(torch.float16)
+            if not torch.isfinite(h).all() and torch.isfinite(v).all():
+                raise ValueError(f"{k}: values beyond float16's range ({v.abs().max().item():.3g})")
+            v = h
+        out[k] = v
+    return out
+
+
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
 PICKLE_PROTO = b"\x80"  # a binary pickle (protocol >= 2): torch's legacy format
 

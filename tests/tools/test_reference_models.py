@@ -1,0 +1,86 @@
+"""Shipped reference checkpoints (issue #16 item 5): each loads with ``weights_only=True``, is
+float16 and <= 10 MB, matches its recorded sha256 and reproduces its recorded float mAP on the
+deterministic check subset (the first val images, regenerated). Plus the shipping code itself
+on a tiny run."""
+import shutil
+
+import pytest
+import torch
+
+from yolo_q.config import load_config
+from yolo_q.data.synthetic import generate
+from yolo_q.io import half_state, read_json
+from yolo_q.reference import check_map, curve_gain, sha256, ship_reference
+from yolo_q.training import train
+
+from conftest import TINY
+
+MANIFEST = "benchmarks/reference/models.json"
+
+
+def _shipped(root):
+    p = root / MANIFEST
+    return read_json(p) if p.is_file() else {}
+
+
+def _names():
+    from pathlib import Path
+    names = sorted(_shipped(Path(__file__).resolve().parents[2]))
+    return names or [pytest.param(None, marks=pytest.mark.skip(reason="no reference model shipped"))]
+
+
+@pytest.mark.parametrize("name", _names())
+def test_shipped_reference_reproduces_its_map(repo_root, tmp_path, name):
+    e = _shipped(repo_root)[name]
+    path = repo_root / e["weights"]
+    assert path.stat().st_size <= 10 * 2 ** 20
+    assert sha256(path) == e["sha256"]
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    floats = [v for v in ck["model"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+    got = check_map(path, repo_root / e["config"], e["check"], tmp_path)
+    assert got == pytest.approx(e["check"]["map50_95"], abs=0.2)
+    assert e["check"]["map50_95"] > 10.0  # a trained detector, not noise
+
+
+def test_curve_gain():
+    rows = [{"epoch": float(i), "map50_95": m} for i, m in
+            enumerate([0.1, 0.3, 0.40, 0.41, 0.42, 0.425, 0.43, 0.43, 0.431, 0.433], 1)]
+    assert curve_gain(rows) == pytest.approx(100 * (0.433 - 0.43))  # epoch 8 -> 10
+    assert curve_gain(rows[:1]) is None
+
+
+def test_half_state_loads_back_and_refuses_overflow():
+    m = torch.nn.Conv2d(3, 4, 3)
+    h = half_state(m.state_dict())
+    assert all(v.dtype == torch.float16 for v in h.values())
+    m2 = torch.nn.Conv2d(3, 4, 3)
+    m2.load_state_dict(h)
+    assert m2.weight.dtype == torch.float32
+    torch.testing.assert_close(m2.weight, m.weight, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="big: values beyond float16"):
+        half_state({"big": torch.tensor([1e6])})
+
+
+def test_ship_reference_on_a_tiny_run(repo_root, tmp_path, monkeypatch):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(TINY.format(repo=repo_root, tmp=tmp_path))
+    generate(tmp_path / "data", n_train=16, n_val=8, size=64, seed=1, workers=1)
+    train(load_config(cfg_path), verbose=False)
+    run = tmp_path / "runs" / "train" / "float"
+    out = tmp_path / "ship"
+    e = ship_reference(run, "tiny", cfg_path, out, check_images=4)
+    assert (out / "tiny.csv").read_bytes() == (run / "results.csv").read_bytes()
+    assert (out / "tiny.png").stat().st_size > 0
+    assert read_json(out / "models.json") == {"tiny": e}
+    assert e["sha256"] == sha256(out / "tiny.pt") and e["epochs"] == 1 and e["val_images"] == 8
+    assert e["check"] == {"val_images": 4, "size": 64, "seed": 1, "spec": {},
+                          "map50_95": e["check"]["map50_95"]}
+    # the float16 copy scores what the float32 run scored on the same val images
+    assert e["val_map50_95"] == pytest.approx(100 * float(
+        (run / "results.csv").read_text().splitlines()[-1].split(",")[
+            (run / "results.csv").read_text().splitlines()[0].split(",").index("map50_95")]),
+        abs=0.5)
+    assert check_map(out / "tiny.pt", cfg_path, e["check"], tmp_path / "again") == \
+        e["check"]["map50_95"]
+    shutil.rmtree(out)
