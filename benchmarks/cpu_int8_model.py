@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from yolo_q.benchmark import randomize_weights
+from yolo_q.benchmark import normalize_activations_, randomize_weights
 from yolo_q.config import config_to_dict, load_config
 from yolo_q.eval import TorchBackend
 from yolo_q.eval.infer import detect
@@ -36,28 +36,18 @@ def well_scaled(model, x, seed=0):
     logits of std 2 (biases -4..0) and box distances of std 0.5 (biases 1.5..3.5)."""
     preds = list(model.detect.cls_preds) + list(model.detect.reg_preds)
     g = torch.Generator().manual_seed(seed)
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.weight.requires_grad:
-            def hook(mod, inp, out):
-                if any(mod is p for p in preds):
-                    cls = any(mod is c for c in model.detect.cls_preds)
-                    fan_in = mod.weight[0].numel()
-                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 if cls else 0.5)
-                                     / (inp[0].std().clamp(min=1e-6) * fan_in ** 0.5))
-                    mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) * 4 - 4 if cls else
-                                   torch.rand(mod.bias.shape, generator=g) * 2 + 1.5)
-                    return mod._conv_forward(inp[0], mod.weight, mod.bias)
-                s = out.std().clamp(min=1e-6)
-                mod.weight.div_(s)
-                if mod.bias is not None:
-                    mod.bias.div_(s)
-                return out / s
-            hooks.append(m.register_forward_hook(hook))
-    model(x)
-    for h in hooks:
-        h.remove()
-    return model
+
+    def prediction(mod, inp):
+        if not any(mod is p for p in preds):
+            return False
+        cls = any(mod is c for c in model.detect.cls_preds)
+        fan_in = mod.weight[0].numel()
+        mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (2.0 if cls else 0.5)
+                         / (inp.std().clamp(min=1e-6) * fan_in ** 0.5))
+        mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) * 4 - 4 if cls else
+                       torch.rand(mod.bias.shape, generator=g) * 2 + 1.5)
+        return True
+    return normalize_activations_(model, x, special=prediction)
 
 
 def label(model, files, out: Path, img_size: int, seed: int = 0) -> int:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from yolo_q.benchmark import randomize_weights
+
 REPO = Path(__file__).resolve().parents[1]
 # one thread per xdist worker (the suite runs with -n 2 on 2 cores)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
@@ -21,20 +23,7 @@ def repo_root() -> Path:
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every BN non-trivial statistics and every weight/bias random values, so that fusion
     and export tests exercise real numbers (fresh models have identical zero biases)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.weight.requires_grad:
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
+    return randomize_weights(model, seed, gain=2.0, gamma_min=0.75)
 
 
 @pytest.fixture

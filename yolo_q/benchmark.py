@@ -48,7 +48,7 @@ from .models import build_model
 from .quant import is_quantized, load_model, quant_state
 
 __all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
-           "randomize_weights", "random_targets", "make_train_step", "train_benchmark",
+           "randomize_weights", "normalize_activations_", "random_targets", "make_train_step", "train_benchmark",
            "speed_benchmark", "format_speed_table", "format_train_table"]
 
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
@@ -134,8 +134,10 @@ def summarize_times(seconds: Sequence[float], batch: int) -> Dict[str, float]:
 
 # ------------------------------------------------------------------------------ models/data
 @torch.no_grad()
-def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights, biases and BN statistics (in place), scaled to keep activations O(1).
+def randomize_weights(model: torch.nn.Module, seed: int = 0, gain: float = 1.0,
+                      gamma_min: float = 0.5) -> torch.nn.Module:
+    """Random weights, biases and BN statistics (in place): conv weights of std
+    ``(gain / fan_in) ** 0.5``, BN gammas in ``[gamma_min, gamma_min + 0.5)``.
     A fresh model's identical zero biases are merged into one shared initializer by the ONNX
     exporter, which then cannot be quantized per layer: benchmark exports need this (or
     trained weights)."""
@@ -144,13 +146,39 @@ def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
-            m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+            m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + gamma_min)
             m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
         elif isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.weight.requires_grad:
             fan_in = m.weight[0].numel()
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (gain / fan_in) ** 0.5)
             if m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+@torch.no_grad()
+def normalize_activations_(model: torch.nn.Module, x: torch.Tensor, special=None,
+                           types=(torch.nn.Conv2d, torch.nn.ConvTranspose2d)) -> torch.nn.Module:
+    """Rescale every conv of ``types`` (in execution order, one forward pass on ``x``) so its
+    output has unit std, as in a trained network: random RepVGG weights otherwise grow
+    activations by orders of magnitude. ``special(conv, input)``, when given, may set a conv's
+    weights itself and return True (e.g. prediction convs given logit-like outputs); that
+    conv's output is then recomputed, not rescaled."""
+    def hook(mod, inp, out):
+        if special is not None and special(mod, inp[0]):
+            return mod._conv_forward(inp[0], mod.weight, mod.bias)
+        s = out.std().clamp(min=1e-6)
+        mod.weight.div_(s)
+        if mod.bias is not None:
+            mod.bias.div_(s)
+        return out / s
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, types) and m.weight.requires_grad]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
     return model
 
 

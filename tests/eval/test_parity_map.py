@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from eval_testutils import tiny_detector
+from yolo_q.benchmark import normalize_activations_
 from yolo_q.config import load_config
 from yolo_q.eval import COCOEvaluator, OrtBackend, TorchBackend, evaluate
 from yolo_q.eval.api import val_loader_for
@@ -45,25 +46,15 @@ def _well_scaled(model, x, seed=0):
     preds = list(model.detect.cls_preds) + list(model.detect.reg_preds)
     std = {id(c): CLS_STD for c in model.detect.cls_preds}  # reg: 0.5
     g = torch.Generator().manual_seed(seed)
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.weight.requires_grad:
-            def hook(mod, inp, out):
-                if any(mod is p for p in preds):
-                    fan_in = mod.weight[0].numel()
-                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std.get(id(mod), 0.5)
-                                     / (inp[0].std().clamp(min=1e-6) * fan_in ** 0.5))
-                    return mod._conv_forward(inp[0], mod.weight, mod.bias)
-                s = out.std().clamp(min=1e-6)
-                mod.weight.div_(s)
-                if mod.bias is not None:
-                    mod.bias.div_(s)
-                return out / s
-            hooks.append(m.register_forward_hook(hook))
-    model(x)
-    for h in hooks:
-        h.remove()
-    return model
+
+    def prediction(mod, inp):
+        if not any(mod is p for p in preds):
+            return False
+        fan_in = mod.weight[0].numel()
+        mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * std.get(id(mod), 0.5)
+                         / (inp.std().clamp(min=1e-6) * fan_in ** 0.5))
+        return True
+    return normalize_activations_(model, x, special=prediction)
 
 
 def _image(h, w, seed):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from conftest import randomize_
+from yolo_q.benchmark import normalize_activations_
 from yolo_q.config import load_config
 from yolo_q.models import build_model
 
@@ -37,22 +38,8 @@ def images(n: int = 2, size: int = IMG, seed: int = 0) -> torch.Tensor:
 
 
 def _normalize_(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """Rescale every conv (in execution order, one forward pass) so its output has unit std:
-    random RepVGG weights otherwise grow activations ~3x per block."""
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and m.weight.requires_grad:
-            def hook(mod, _inp, out):
-                s = out.std().clamp(min=1e-6)
-                mod.weight.div_(s)
-                if mod.bias is not None:
-                    mod.bias.div_(s)
-                return out / s
-            hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    """Scale every conv so its output has unit std (random RepVGG weights explode otherwise)."""
+    normalize_activations_(model, x)
 
 
 @functools.lru_cache(maxsize=None)

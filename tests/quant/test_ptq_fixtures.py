@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from conftest import randomize_
+from yolo_q.benchmark import normalize_activations_
 
 REPO = Path(__file__).resolve().parents[2]
 IMG = 64
@@ -49,20 +50,7 @@ def data_yaml() -> Path:
 
 def _normalize_(model: torch.nn.Module, x: torch.Tensor) -> None:
     """Scale every conv so its output has unit std (random RepVGG weights explode otherwise)."""
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad:
-            def hook(mod, _inp, out):
-                s = out.std().clamp(min=1e-6)
-                mod.weight.div_(s)
-                if mod.bias is not None:
-                    mod.bias.div_(s)
-                return out / s
-            hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    normalize_activations_(model, x, types=(torch.nn.Conv2d,))
 
 
 @torch.no_grad()
