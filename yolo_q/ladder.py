@@ -7,7 +7,9 @@ It is the pipeline (:class:`yolo_q.pipeline.Pipeline`) run on the given checkpoi
 (``pipeline.float_weights``: no float training) with the QAT comparison run on, plus one
 per-tensor-weights PTQ; the pipeline's settings (calibrators, ``max_drop``, flavours, QAT
 epochs) come from the variant's config. Each variant runs in its own pipeline directory
-(``<pipeline.output_dir>/ladder_<name>``), so an interrupted ladder continues where it stopped.
+(``<pipeline.output_dir>/<out stem>_<name>``, e.g. ``ladder_repvgg`` for ``ladder.json``), so an
+interrupted ladder continues where it stopped; variants already in ``out`` that are not re-run
+are kept.
 
 ``ladder.json``::
 
@@ -30,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .config import copy_config, resolve_config
 from .engine.hooks import read_results_csv
-from .io import read_checkpoint_any, write_json
+from .io import read_checkpoint_any, read_json, write_json
 from .pipeline import Pipeline
 from .quant.ptq import run_ptq
 from .quant.qat import qat_epochs
@@ -104,9 +106,10 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
     }
 
 
-def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool) -> Dict[str, Any]:
+def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool,
+                 tag: str = "ladder") -> Dict[str, Any]:
     cfg = resolve_config(v.config, list(overrides) + FORCED + [
-        f"pipeline.float_weights={v.weights}", f"pipeline.name=ladder_{v.name}"])
+        f"pipeline.float_weights={v.weights}", f"pipeline.name={tag}_{v.name}"])
     res = Pipeline(cfg, verbose=verbose).run()["results"]["base"]
     p = cfg.pipeline
     calib = str(p.calib_methods[0]) if p.calib_methods else str(cfg.quant.calib)
@@ -117,6 +120,21 @@ def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool) -> D
     entry = {"float_weights": str(v.weights), "config": str(v.config), **_curve(v.weights),
              **ladder_entry(res, per_tensor, cfg)}
     return entry
+
+
+def _kept_variants(out, names) -> Dict[str, Any]:
+    """The variants of an existing ladder JSON ``out`` that this run does not redo (a ladder
+    built over several sittings keeps its earlier variants)."""
+    p = Path(out)
+    if not p.is_file():
+        return {}
+    try:
+        old = read_json(p)
+    except ValueError:
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("variants", {}), dict):
+        raise ValueError(f"ladder: {out} exists and is not a ladder JSON; move it away first")
+    return {k: e for k, e in (old.get("variants") or {}).items() if k not in names}
 
 
 def run_ladder(variants: Sequence[LadderVariant], out: str, overrides: Sequence[str] = (),
@@ -136,9 +154,9 @@ def run_ladder(variants: Sequence[LadderVariant], out: str, overrides: Sequence[
         "data_command": data_cmd or data_command(cfg0),
         "eval_command": (f"python tools/eval.py --config {first.config} --weights "
                          f"{first.weights}" + (f" {ov}" if ov else "")),
-        "variants": {}}
+        "variants": _kept_variants(out, {v.name for v in variants})}
     for v in variants:
-        result["variants"][v.name] = _run_variant(v, overrides, verbose)
+        result["variants"][v.name] = _run_variant(v, overrides, verbose, Path(out).stem)
         write_json(out, result)  # after every variant: a partial ladder is kept
     return result
 

@@ -64,3 +64,25 @@ def test_ladder_bad_variant(repo_root, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "missing.pt does not exist" in r.stderr
     assert r.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_ladder_keeps_variants_it_does_not_redo(repo_root, tmp_path, monkeypatch):
+    """A ladder built over several sittings: running only 'repopt' keeps the earlier 'repvgg'
+    entry of the same JSON and replaces 'repopt'; each run's pipeline directory is named
+    after the JSON (ladder_harsh.json -> ladder_harsh_<name>)."""
+    import yolo_q.ladder as lad
+    seen = []
+    monkeypatch.setattr(lad, "_run_variant",
+                        lambda v, ov, verbose, tag: seen.append(f"{tag}_{v.name}") or {"new": 1})
+    cfg = str(repo_root / "configs" / "demo.yaml")
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    out = tmp_path / "ladder_harsh.json"
+    out.write_text(json.dumps({"variants": {"repvgg": {"old": 1}, "repopt": {"old": 2}}}))
+    res = lad.run_ladder([lad.LadderVariant("repopt", cfg, str(weights))], str(out))
+    assert res["variants"] == {"repvgg": {"old": 1}, "repopt": {"new": 1}}
+    assert json.loads(out.read_text())["variants"] == res["variants"]
+    assert seen == ["ladder_harsh_repopt"]
+    out.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a ladder JSON"):
+        lad.run_ladder([lad.LadderVariant("repopt", cfg, str(weights))], str(out))
