@@ -84,3 +84,14 @@ def test_ship_reference_on_a_tiny_run(repo_root, tmp_path, monkeypatch):
     assert check_map(out / "tiny.pt", cfg_path, e["check"], tmp_path / "again") == \
         e["check"]["map50_95"]
     shutil.rmtree(out)
+
+
+def test_the_readme_main_job_starts_from_a_shipped_reference(repo_root):
+    """configs/demo.yaml quantizes a shipped reference checkpoint (listed with its hash), on
+    the val images that checkpoint's mAP was recorded on."""
+    demo = load_config(repo_root / "configs" / "demo.yaml")
+    shipped = {e["weights"]: e for e in _shipped(repo_root).values()}
+    assert demo.pipeline.float_weights in shipped
+    ref = load_config(repo_root / shipped[demo.pipeline.float_weights]["config"])
+    d, r = demo.pipeline.synthetic, ref.pipeline.synthetic
+    assert (d.size, d.seed, d.val, dict(d.spec)) == (r.size, r.seed, r.val, dict(r.spec))
