@@ -9,6 +9,7 @@ import torch
 
 from yolo_q.config import load_config
 from yolo_q.data.synthetic import generate
+from yolo_q.engine.hooks import read_results_csv
 from yolo_q.io import half_state, read_json
 from yolo_q.reference import check_map, curve_gain, sha256, ship_reference
 from yolo_q.training import train
@@ -77,10 +78,8 @@ def test_ship_reference_on_a_tiny_run(repo_root, tmp_path, monkeypatch):
     assert e["check"] == {"val_images": 4, "size": 64, "seed": 1, "spec": {},
                           "map50_95": e["check"]["map50_95"]}
     # the float16 copy scores what the float32 run scored on the same val images
-    assert e["val_map50_95"] == pytest.approx(100 * float(
-        (run / "results.csv").read_text().splitlines()[-1].split(",")[
-            (run / "results.csv").read_text().splitlines()[0].split(",").index("map50_95")]),
-        abs=0.5)
+    assert e["val_map50_95"] == pytest.approx(
+        100 * read_results_csv(run / "results.csv")[-1]["map50_95"], abs=0.5)
     assert check_map(out / "tiny.pt", cfg_path, e["check"], tmp_path / "again") == \
         e["check"]["map50_95"]
     shutil.rmtree(out)
