@@ -8,9 +8,10 @@
 import argparse
 
 from yolo_q.cli import run_tool
-from yolo_q.config import config_to_dict, load_config
+from yolo_q.config import load_config
 from yolo_q import load_model
-from yolo_q.io import check_output_file, half_state, save_checkpoint
+from yolo_q.io import check_output_file
+from yolo_q.models.loading import write_float_checkpoint
 
 
 def get_args_parser():
@@ -30,11 +31,9 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides) if args.config else None
     model = load_model(args.src, cfg=cfg)
     cfg = model.yolo_q_config
-    sd = half_state(model.state_dict()) if args.fp16 else model.state_dict()
-    save_checkpoint({"model": sd, "config": config_to_dict(cfg),
-                     "fused": model.is_fused, "source": str(args.src)}, args.dst)
+    write_float_checkpoint(model, args.dst, fp16=args.fp16, source=str(args.src))
     print(f"wrote {args.dst}: {cfg.model.name}, nc={cfg.model.nc}, "
-          f"{'fused' if model.is_fused else 'training'} form, {len(sd)} tensors"
+          f"{'fused' if model.is_fused else 'training'} form, {len(model.state_dict())} tensors"
           f"{', float16' if args.fp16 else ''}")
     return 0
 

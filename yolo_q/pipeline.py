@@ -27,14 +27,14 @@ from omegaconf import OmegaConf
 from .config import copy_config, save_config
 from .io import write_json
 from .benchmark import BenchmarkProcessError, format_speed_table, speed_benchmark_isolated
-from .config import config_to_dict
 from .data import load_data_yaml
 from .data.synthetic import generate
 from .engine.rundir import discard_unused_run_dirs, make_run_dir
 from .eval.api import run_eval
 from .eval.backends import openvino_missing
 from .export.api import export_model
-from .io import load_checkpoint, save_checkpoint
+from .io import load_checkpoint
+from .models.loading import write_float_checkpoint
 from .quant.load import load_model
 from .quant.ptq import run_ptq
 from .quant.qat import qat_epochs, run_qat
@@ -278,9 +278,7 @@ class Pipeline:
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
         out = self.dir / "float" / "weights" / "float.pt"
-        cfg = model.yolo_q_config  # with the weights' own settings (BN eps...)
-        save_checkpoint({"model": model.state_dict(), "config": config_to_dict(cfg),
-                         "epoch": -1, "source": str(path)}, out)
+        write_float_checkpoint(model, out, epoch=-1, source=str(path))
         self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
         return TrainRecord(weights=str(out), run_dir=str(out.parent.parent), metrics={},
                            results_csv=str(out.parent.parent / "results.csv"), source=str(path))

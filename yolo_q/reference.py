@@ -21,11 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .config import config_to_dict, resolve_config
+from .config import resolve_config
 from .data.synthetic import generate
 from .engine.hooks import read_results_csv
 from .eval.api import run_eval
-from .io import check_output_file, half_state, read_json, save_checkpoint, write_json
+from .io import check_output_file, read_json, write_json
+from .models.loading import write_float_checkpoint
 from .quant.load import load_model
 from .report import plot_curves
 
@@ -76,9 +77,7 @@ def _write_fp16(src, dst: Path, config) -> None:
     """The deploy (fused) form: RepVGG branches folded, BN folded (9.3 MB for YOLOv6-N in
     float16, vs 10.4 MB unfused); quantization and evaluation fuse anyway."""
     model = load_model(src, cfg=resolve_config(config), fuse=True)
-    save_checkpoint({"model": half_state(model.state_dict()),
-                     "config": config_to_dict(model.yolo_q_config), "fused": model.is_fused,
-                     "source": Path(src).name}, dst)
+    write_float_checkpoint(model, dst, fp16=True, source=Path(src).name)
 
 
 def ship_reference(run_dir, name: str, config, out_dir="benchmarks/reference",

@@ -1,15 +1,18 @@
 """Float models from state dicts: the yolov6 n/s/m/l config that fits a state dict, and a strict
-load into training or deploy (fused) form. The one public loader is :func:`yolo_q.load_model`."""
+load into training or deploy (fused) form, and the one writer of float checkpoints
+(:func:`write_float_checkpoint`). The one public loader is :func:`yolo_q.load_model`."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
 
-from ..config import config_from_dict, load_config
-from ..io import CheckpointError, is_deploy_form, load_state_into, official_settings
+from ..config import config_from_dict, config_to_dict, load_config
+from ..io import (CheckpointError, PathLike, half_state, is_deploy_form, load_state_into,
+                  official_settings, save_checkpoint)
 from .yolo import build_model
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,18 @@ def float_model_from_state(cfg, sd: Dict[str, torch.Tensor], source: str = "weig
     if fuse:
         model.fuse()
     return model
+
+
+def write_float_checkpoint(model: torch.nn.Module, path: PathLike, cfg=None, fp16: bool = False,
+                           **meta: Any) -> Path:
+    """Write ``model`` as a yolo_q float checkpoint, atomically: ``{"model": state dict (every
+    floating tensor float16 with ``fp16``; it loads back as float32), "config": ``cfg`` (default
+    ``model.yolo_q_config``, the config with the weights' own settings), "fused": deploy form
+    or not, **meta}`` (e.g. ``source=``, ``epoch=``). Loads with :func:`yolo_q.load_model`."""
+    sd = model.state_dict()
+    cfg = model.yolo_q_config if cfg is None else cfg
+    return save_checkpoint({"model": half_state(sd) if fp16 else sd, "config": config_to_dict(cfg),
+                            "fused": model.is_fused, **meta}, path)
 
 
 # ---- settings that belong to the weights, not to the run (used by load_model, resume, teachers) --
