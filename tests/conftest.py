@@ -31,6 +31,22 @@ def randomize():
     return randomize_
 
 
+@pytest.fixture
+def torch_load_calls(monkeypatch):
+    """The files every ``torch.load`` of the test reads (resolved paths, in order): how many
+    times a checkpoint is read."""
+    calls = []
+    real = torch.load
+
+    def load(f, *args, **kwargs):
+        name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
+        calls.append(Path(name).resolve() if name is not None else None)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    return calls
+
+
 def pytest_configure(config):
     sys.path.insert(0, str(REPO / "tests"))  # so tests can `from conftest import randomize_`
 

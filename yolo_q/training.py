@@ -36,6 +36,8 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
         cfg = copy_config(cfg, struct=True)
         if weights:
             check_checkpoint_file(weights)
+        # read once, before anything is created: BN settings here, the trainer's state in fit
+        resume_ck = load_checkpoint(resume) if resume else None
         with discard_unused_run_dirs():
             run_dir = start_run(cfg, resume)
             if rank == 0 and verbose:
@@ -45,7 +47,7 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
             sync_nc_with_data(cfg, info)
             if resume:  # continue with the BN settings the run was trained with
                 cfg = copy_config(with_settings(cfg, weight_settings(
-                    {"config": load_checkpoint(resume).get("config")}, str(resume)),
+                    {"config": resume_ck.get("config")}, str(resume)),
                     str(resume)), struct=True)
             if rank == 0:
                 save_config(cfg, run_dir / "config.yaml")
@@ -61,7 +63,7 @@ def train(cfg, resume: Optional[str] = None, weights: Optional[str] = None,
                 hooks.append(RepOptScalesHook(run_dir / "scales.pt"))
             hooks.extend(extra_hooks)
             summary = fit(cfg, model, train_ds, hooks, run_dir, resume=resume, rank=rank,
-                          world=world, reinit=not (resume or weights))
+                          world=world, reinit=not (resume or weights), resume_ck=resume_ck)
             summary["bad_data"] = getattr(train_ds, "bad_report", {})
             return summary
     finally:

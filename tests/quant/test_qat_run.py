@@ -208,7 +208,7 @@ def test_range_ema_scales_and_model_ema():
             assert len(vals) == 1, group
 
 
-def test_resume_equals_uninterrupted(full_run, tmp_path):
+def test_resume_equals_uninterrupted(full_run, tmp_path, torch_load_calls):
     summary, calib_ck = full_run
     cfg = cfg_for(*FULL, f"quant.qat.output_dir={tmp_path}", "train.name=resume")
     with pytest.raises(KeyboardInterrupt):
@@ -216,7 +216,9 @@ def test_resume_equals_uninterrupted(full_run, tmp_path):
                 extra_hooks=[StopAfterEpoch(0)], verbose=False)
     last = tmp_path / "resume" / "weights" / "last.pt"
     assert torch.load(last, weights_only=True)["epoch"] == 0
+    torch_load_calls.clear()
     resumed = run_qat(cfg, resume=str(last), verbose=False)  # weights/teacher from the checkpoint
+    assert torch_load_calls.count(last.resolve()) == 1  # read once
     assert resumed["run_dir"] == str(tmp_path / "resume") and resumed["epochs"] == 2
     assert resumed["float"]["map50_95"] == summary["float"]["map50_95"]  # baseline kept
     a = torch.load(summary["last"], weights_only=True)

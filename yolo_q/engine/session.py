@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Optional
 
 from ..config.loader import validate_values
 from ..data import build_dataloader
-from ..io import load_checkpoint
 from ..losses import DetectionLoss
 from ..optim import build_optimizer
 from ..optim.repopt import ScalesError, load_scales, prepare_repopt, save_scales
@@ -59,21 +58,22 @@ def build_optimizer_for(model, cfg, world_size: int = 1, reinit: bool = True):
 
 def start_run(cfg, resume: Optional[str] = None) -> Path:
     """The run directory of ``cfg.train`` (``resume``: the one of that ``last.pt``), after the
-    config's values are checked (e.g. ``data.img_size`` vs the stride) and ``resume`` loads
-    safely: nothing is created for a run that cannot start. Run inside
-    :func:`~yolo_q.engine.rundir.discard_unused_run_dirs` to remove the directory again when
-    the run fails before writing anything there."""
+    config's values are checked (e.g. ``data.img_size`` vs the stride): nothing is created for
+    a run that cannot start. A caller that resumes reads ``resume`` once, before this
+    (:func:`yolo_q.io.load_checkpoint`: readable and safe), and hands the dict to :func:`fit`.
+    Run inside :func:`~yolo_q.engine.rundir.discard_unused_run_dirs` to remove the directory
+    again when the run fails before writing anything there."""
     validate_values(cfg, "training config")
-    if resume:  # readable and safe, before the data is built (it is loaded again by fit)
-        load_checkpoint(resume)
     t = cfg.train
     return make_run_dir(t.output_dir, t.name, t.exist_ok, Path(resume) if resume else None)
 
 
 def fit(cfg, model, train_ds, hooks: List[Hook], run_dir: Path, resume: Optional[str] = None,
-        device=None, rank: int = 0, world: int = 1, reinit: bool = True) -> Dict[str, Any]:
+        device=None, rank: int = 0, world: int = 1, reinit: bool = True,
+        resume_ck: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train ``model`` on ``train_ds`` as ``cfg.train`` says with ``hooks``; ``resume``: a
-    ``last.pt`` to continue exactly where it stopped; ``reinit``: RepOpt re-initialises the
+    ``last.pt`` to continue exactly where it stopped (``resume_ck``: its contents when the
+    caller has read it already, so that it is read once); ``reinit``: RepOpt re-initialises the
     weights from the scales (fresh runs only). Returns the summary (run dir, last/best paths,
     metrics, best fitness/epoch, epochs, bad steps)."""
     t = cfg.train
@@ -83,7 +83,7 @@ def fit(cfg, model, train_ds, hooks: List[Hook], run_dir: Path, resume: Optional
     trainer = Trainer(model, optimizer, loader, DetectionLoss.from_config(cfg), cfg, hooks,
                       device=device, work_dir=run_dir)
     if resume:
-        trainer.resume(resume)
+        trainer.resume(resume, resume_ck)
     trainer.train()
     weights_dir = Path(run_dir) / "weights"
     best = weights_dir / "best.pt"

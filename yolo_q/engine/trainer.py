@@ -457,10 +457,11 @@ class Trainer:
         self.total_bad_steps = int(ckpt.get("total_bad_steps", 0))
         set_rng_state(ckpt["rng"])
 
-    def resume(self, path) -> Dict[str, Any]:
-        """Load ``path`` (e.g. ``<work_dir>/weights/last.pt``) and restore model, EMA,
-        optimizer, scaler, hook states, counters and RNG states; returns the checkpoint."""
-        ckpt = load_checkpoint(path)
+    def resume(self, path, ckpt: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Load ``path`` (e.g. ``<work_dir>/weights/last.pt``; ``ckpt``: its contents, already
+        read by the caller) and restore model, EMA, optimizer, scaler, hook states, counters
+        and RNG states; returns the checkpoint."""
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         self.load_state_dict(ckpt, source=str(path))
         logger.info("resumed from %s: next epoch %d/%d (iteration %d)", path,
                     self.start_epoch + 1, self.epochs, self.iter)

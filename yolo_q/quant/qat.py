@@ -408,7 +408,7 @@ def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[st
             baseline["ptq"] = _scalars(evaluate_fn(student))
     hooks = _qat_hooks(run, qcfg, base_cfg, teacher, evaluate_fn, run_dir, baseline)
     summary = fit(qcfg, student, train_ds, hooks, run_dir, resume=run.resume, device=device,
-                  rank=run.rank, world=run.world, reinit=False)
+                  rank=run.rank, world=run.world, reinit=False, resume_ck=run.resume_ck)
     summary.update(_summary_extras(run.cfg, qcfg, summary, baseline, state))
     if run.rank != 0:
         return summary
