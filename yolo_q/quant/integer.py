@@ -7,6 +7,15 @@ Per conv layer (codes ``q``, zero points ``z``, scales ``s``)::
     q_y  = clamp(z_y + rshift_round(acc * M0[c], 31 + n[c]), lo, hi)     M = s_x s_w[c] / s_y
                                                     = M0 * 2^-31 * 2^-n,  M0 in [2^30, 2^31)
 
+Integer semantics are ONNX Runtime's QLinearConv (ONNX Runtime 1.32, x86 CPU, measured): the
+bias is an int32 tensor, so a code beyond the int32 range (a channel whose weight scale is near
+zero, e.g. a dead channel with a large bias) is *saturated*, as ONNX Runtime's quantizer writes
+it (``np.clip``); :func:`int32_bias_overflow` counts such channels (the PTQ and QAT reports list
+them). The int32 accumulator ``sum + q_b`` *wraps* on overflow (two's complement), as
+QLinearConv's does. Both show up as deviations of the layer, never as a crash. (ONNX Runtime's
+own graph optimizer, which quantizes the float biases of our QDQ exports, casts such a code to
+INT32_MIN instead on x86.)
+
 ReLU (and no activation) stay in integers: ReLU is the clamp at ``z_y``. Other activations
 (SiLU) dequantize the int32 accumulator, apply the function in float and quantize (what engines
 do with a lookup table or an fp32 epilogue). Convolution sums are computed exactly: every term
@@ -30,7 +39,7 @@ from .convert import _to_input, layer_modules, quant_state
 from .modules import QuantConvTranspose2d, QuantMaxPool2d
 from .tensor_quantizer import TensorQuantizer
 
-INT32_MAX = 2 ** 31 - 1
+INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
 
 
 def quantize_multiplier(m: float) -> Tuple[int, int]:
@@ -96,8 +105,8 @@ def _output_grid(layer, spec: dict, y_ref: torch.Tensor) -> _Grid:
     return _Grid(torch.tensor(amax / hi, device=y_ref.device), 0, 0 if unsigned else -128, hi)
 
 
-def _int_conv(layer, x_codes: torch.Tensor, x_grid: _Grid) -> Tuple[torch.Tensor, torch.Tensor]:
-    """int32 accumulator (as int64) incl. bias, and the accumulator scale per channel."""
+def _weight_codes(layer) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Integer weight codes (int64) and the weight scale per output channel (float64)."""
     wq = layer._weight_quantizer
     w_grid = _Grid.of(wq)
     w_fq = wq.fake_quant(layer.weight.detach())
@@ -105,7 +114,26 @@ def _int_conv(layer, x_codes: torch.Tensor, x_grid: _Grid) -> Tuple[torch.Tensor
     shape = [1] * w_fq.dim()
     shape[axis] = -1
     s_w = w_grid.scale if w_grid.scale.dim() else w_grid.scale.expand(w_fq.shape[axis])
-    w_codes = torch.round(w_fq.double() / s_w.view(shape)).long()
+    return torch.round(w_fq.double() / s_w.view(shape)).long(), s_w
+
+
+def _bias_codes(bias: torch.Tensor, acc_scale: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """int32 bias codes ``round(b / (s_x s_w[c]))`` saturated to the int32 range (float64), and
+    how many channels were saturated."""
+    codes = torch.round(bias.detach().double() / acc_scale)
+    over = int(((codes > INT32_MAX) | (codes < INT32_MIN)).sum())
+    return codes.clamp(INT32_MIN, INT32_MAX), over
+
+
+def _wrap_int32(acc: torch.Tensor) -> torch.Tensor:
+    """int64 values as an int32 register holds them (two's complement wrap-around)."""
+    return (acc + 2 ** 31) % 2 ** 32 - 2 ** 31
+
+
+def _int_conv(layer, x_codes: torch.Tensor, x_grid: _Grid) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int32 accumulator (as int64) incl. the saturated bias, and the accumulator scale per
+    channel."""
+    w_codes, s_w = _weight_codes(layer)
     xc = (x_codes - x_grid.zp).double()
     if isinstance(layer, QuantConvTranspose2d):
         acc = F.conv_transpose2d(xc, w_codes.double(), None, layer.stride, layer.padding,
@@ -114,14 +142,28 @@ def _int_conv(layer, x_codes: torch.Tensor, x_grid: _Grid) -> Tuple[torch.Tensor
         acc = F.conv2d(xc, w_codes.double(), None, layer.stride, layer.padding, layer.dilation,
                        layer.groups)
     acc_scale = x_grid.scale * s_w  # (C_out,)
+    if acc.abs().max() > INT32_MAX:  # the products alone: impossible below ~65k terms
+        raise OverflowError(f"integer_check: the convolution sums of '{layer}' overflow int32")
     if layer.bias is not None:
-        b_codes = torch.round(layer.bias.detach().double() / acc_scale)
-        if b_codes.abs().max() > INT32_MAX:
-            raise OverflowError(f"integer_check: bias of '{layer}' overflows int32")
-        acc = acc + b_codes.view(1, -1, 1, 1)
-    if acc.abs().max() > INT32_MAX:
-        raise OverflowError("integer_check: accumulator overflows int32")
-    return acc.long(), acc_scale
+        acc = acc + _bias_codes(layer.bias, acc_scale)[0].view(1, -1, 1, 1)
+    return _wrap_int32(acc.long()), acc_scale
+
+
+def int32_bias_overflow(model: nn.Module) -> Dict[str, int]:
+    """Per quantized conv layer of a calibrated model: how many output channels have an int32
+    bias code ``round(b / (s_x s_w[c]))`` beyond the int32 range (their weight scale is near
+    zero). An integer engine cannot hold such a bias: :func:`integer_check` saturates it."""
+    layers, out = layer_modules(model), {}
+    for spec in quant_state(model)["layers"]:
+        layer = layers[spec["name"]]
+        if isinstance(layer, QuantMaxPool2d) or getattr(layer, "bias", None) is None or \
+                not all(q.enabled for _, q in layer.quantizers()):
+            continue
+        s_x = _Grid.of(_input_grid(model, spec)).scale
+        n = _bias_codes(layer.bias, s_x * _weight_codes(layer)[1])[1]
+        if n:
+            out[spec["name"]] = n
+    return out
 
 
 def _multipliers(acc_scale: torch.Tensor, out: "_Grid", acc: torch.Tensor):
@@ -215,4 +257,4 @@ def integer_check(model: nn.Module, batch) -> Dict[str, float]:
     return result
 
 
-__all__ = ["integer_check", "quantize_multiplier", "requantize"]
+__all__ = ["int32_bias_overflow", "integer_check", "quantize_multiplier", "requantize"]

@@ -38,7 +38,7 @@ from . import sensitivity as sens
 from .calibrators import METHODS
 from .convert import (FLAVOURS, CalibrationError, calibrate, convert, is_quantized, quant_state,
                       quantized_layers, resolve_settings)
-from .integer import integer_check
+from .integer import int32_bias_overflow, integer_check
 from .load import load_model
 from .sensitivity import MODES
 
@@ -235,13 +235,17 @@ def _integer_report(model, batch, say) -> dict:
 
     try:
         dev = integer_check(model, batch)
-    except (OverflowError, RuntimeError) as e:  # e.g. a bias that overflows int32
+    except (OverflowError, RuntimeError) as e:  # e.g. an input grid that is not calibrated
         say(f"\ninteger check failed: {str(e).splitlines()[0]}")
         return {"max": None, "layers": {}, "error": str(e).splitlines()[0]}
     say("\ninteger check (max deviation of integer-only arithmetic, in output steps):")
     for name, v in sorted(dev.items(), key=lambda kv: -kv[1]):
         say(f"  {v:8.3f}  {name}")
-    return {"max": max(dev.values()) if dev else None, "layers": dev}
+    saturated = int32_bias_overflow(model)
+    for name, n in saturated.items():
+        say(f"  {name}: bias of {n} channel(s) beyond int32 (weight scale near zero), saturated")
+    return {"max": max(dev.values()) if dev else None, "layers": dev,
+            "bias_saturated": saturated}
 
 
 @dataclass

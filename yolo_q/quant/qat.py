@@ -59,7 +59,7 @@ from ..models.loading import float_model_from_state, weight_settings, with_setti
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
                       enable_range_ema, is_quantized, quant_state, quantized_layers)
 from .distill import ChannelDistillHook
-from .integer import integer_check as run_integer_check
+from .integer import int32_bias_overflow, integer_check as run_integer_check
 from .load import load_quantized
 
 logger = logging.getLogger(__name__)
@@ -448,6 +448,7 @@ def _finish(summary, qcfg, val_ds, state, integer_check, ort_check, verbose) -> 
         final = build_quantized(qcfg, rd["model"], rd["quant"], str(final_path))
         if integer_check:
             summary["integer_check"] = run_integer_check(final, _first_val_batch(qcfg, val_ds))
+            summary["integer_bias_saturated"] = int32_bias_overflow(final)
         if ort_check:
             onnx_path = weights_dir / f"{final_path.stem}_{state['flavour']}.onnx"
             summary["ort"] = evaluate_ort(final, qcfg, val_ds, onnx_path)
@@ -492,6 +493,9 @@ def format_report(summary: Dict[str, Any], top: int = 10) -> str:
             lines.append(f"  {name:<52}{v:7.3f}")
         if len(worst) > top:
             lines.append(f"  ... {len(worst) - top} more (all in results.json)")
+    for name, n in (summary.get("integer_bias_saturated") or {}).items():
+        lines.append(f"  {name}: bias of {n} channel(s) beyond int32 (weight scale near zero), "
+                     f"saturated")
     return "\n".join(lines)
 
 
