@@ -82,6 +82,15 @@ def test_int32_bias_overflow_is_saturated_counted_and_shown():
     assert dev[name] > 10
     assert max(v for k, v in dev.items() if k != name) <= 1.0 + 1e-6
     assert int32_bias_overflow(calibrated("onnxruntime", hp=False)) == {}
+    # the PTQ and QAT reports list the saturated channels
+    from yolo_q.quant.ptq import _integer_report
+    from yolo_q.quant.qat import format_report
+    lines = []
+    rep = _integer_report(q, images(2, seed=33), lines.append)
+    assert rep["bias_saturated"] == {name: 1} and rep["layers"] == dev
+    qat = format_report({"integer_check": dev, "integer_bias_saturated": {name: 1}})
+    for text in ("\n".join(lines), qat):
+        assert f"{name}: bias of 1 channel(s) beyond int32" in text
 
 
 def test_int32_accumulator_wraps_like_onnxruntime():
