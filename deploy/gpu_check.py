@@ -10,7 +10,8 @@ tensor; engines built and cached (deploy/trt.cached_engine) in --work-dir. mAP: 
 FP32 float ONNX and the QDQ ONNX; TensorRT the FP16 and INT8 engines; same loader, same
 post-processing (yolo_q.eval.evaluate). With random weights mAP is ~0 and only the TRT-vs-ORT
 agreement means something; pass official checkpoints for real numbers. Needs TensorRT >= 10.8
-and a CUDA GPU: without them it stops with one line (exit 2). Data: datasets/coco128.yaml
+and a CUDA GPU: without them it stops with one line (exit 2); so does a bad input (weights, data
+YAML, calibration images, work dir), checked before any work (yolo_q.cli.run_tool). Data: datasets/coco128.yaml
 (set YOLOQ_DATA_ROOT to the folder that holds coco128/ when it is not at ../shared/datasets). Budget: under 8 minutes on one
 H100 (engine builds dominate; the timing cache in --work-dir makes reruns faster).
 """
@@ -22,6 +23,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from yolo_q.cli import run_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +79,20 @@ def _default_images() -> str:
     return str(Path(root) / "coco128" / "images" / "train2017")
 
 
+def _check_inputs(args) -> None:
+    """Every input, before the first engine build (minutes): an error names the file."""
+    from yolo_q.data import load_data_yaml
+    from yolo_q.data.images import list_images
+    from yolo_q.io import check_checkpoint_file, check_output_dir
+    for w in (args.weights_n, args.weights_s):
+        if w:
+            check_checkpoint_file(w)
+    load_data_yaml(args.data)
+    list_images(args.images)
+    check_output_dir(args.work_dir, [w for w in (args.weights_n, args.weights_s) if w],
+                     what="--work-dir")
+
+
 def run(args) -> int:
     args.images = args.images or _default_images()
     dtrt = _load_trt_module()
@@ -84,6 +101,7 @@ def run(args) -> int:
     except dtrt.TensorRTUnavailable as e:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 2
+    _check_inputs(args)
     import torch
     from yolo_q.eval import OrtBackend, TrtBackend
     work = Path(args.work_dir)
@@ -144,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

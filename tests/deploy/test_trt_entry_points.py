@@ -51,3 +51,29 @@ def test_speed_benchmark_reports_skipped_trt_rows():
     table = format_speed_table(res)
     assert "TensorRT FP16" in table and "skipped: TensorRT backend unavailable" in table
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("bad", ["weights", "data", "images"])
+def test_gpu_check_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, bad):
+    """With TensorRT present (stubbed here), a bad input stops deploy/gpu_check.py with one
+    line naming it, before the work dir is made or any model is built."""
+    import types
+
+    import deploy.gpu_check as gpu_check
+    import deploy.trt as dtrt
+    monkeypatch.setattr(dtrt, "require_tensorrt", lambda: types.SimpleNamespace(__version__="0"))
+    monkeypatch.setattr(gpu_check, "_model", lambda *a: pytest.fail("work started"))
+    corrupt = tmp_path / "s.pt"
+    corrupt.write_text("not a checkpoint")
+    images, empty = tmp_path / "imgs", tmp_path / "empty"
+    images.mkdir()
+    empty.mkdir()
+    (images / "a.jpg").write_bytes(b"listed, not read")
+    args = {"weights": ["--weights-s", str(corrupt)], "data": ["--data", str(tmp_path / "no.yaml")],
+            "images": []}[bad] + ["--images", str(empty if bad == "images" else images)]
+    work = tmp_path / "work"
+    assert run_tool(gpu_check.main, [*args, "--work-dir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: "), err
+    assert {"weights": str(corrupt), "data": "no.yaml", "images": str(empty)}[bad] in err
+    assert not work.exists()
