@@ -11,9 +11,10 @@ FP32 float ONNX and the QDQ ONNX; TensorRT the FP16 and INT8 engines; same loade
 post-processing (yolo_q.eval.evaluate). With random weights mAP is ~0 and only the TRT-vs-ORT
 agreement means something; pass official checkpoints for real numbers. Needs TensorRT >= 10.8
 and a CUDA GPU: without them it stops with one line (exit 2); so does a bad input (weights, data
-YAML, calibration images, work dir), checked before any work (yolo_q.cli.run_tool). Data: datasets/coco128.yaml
-(set YOLOQ_DATA_ROOT to the folder that holds coco128/ when it is not at ../shared/datasets). Budget: under 8 minutes on one
-H100 (engine builds dominate; the timing cache in --work-dir makes reruns faster).
+YAML, calibration images, work dir), checked before any work (yolo_q.cli.run_tool). Data:
+datasets/coco128.yaml (set YOLOQ_DATA_ROOT to the folder that holds coco128/ when it is not at
+../shared/datasets). Budget: under 8 minutes on one H100 (engine builds dominate; the timing
+cache in --work-dir makes reruns faster).
 """
 from __future__ import annotations
 

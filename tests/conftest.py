@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from yolo_q.benchmark import randomize_weights
+from yolo_q.engine import Hook
 
 REPO = Path(__file__).resolve().parents[1]
 # one thread per xdist worker (the suite runs with -n 2 on 2 cores)
@@ -29,6 +30,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def randomize():
     return randomize_
+
+
+class StopAfterEpoch(Hook):
+    """Simulates a crash after the checkpoint of epoch ``epoch`` was written."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def after_epoch(self):
+        if self.trainer.epoch == self.epoch:
+            raise KeyboardInterrupt("simulated interruption")
 
 
 @pytest.fixture

@@ -7,21 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from yolo_q.engine import Hook
+from conftest import StopAfterEpoch
 from yolo_q.io import load_checkpoint
 from yolo_q.training import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from reliability_utils import tiny_cfg, tiny_dataset  # noqa: E402
-
-
-class StopAfterEpoch(Hook):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def after_epoch(self):
-        if self.trainer.epoch == self.epoch:
-            raise KeyboardInterrupt("simulated interruption")
 
 
 def test_resume_reads_last_pt_once_and_continues_exactly(tmp_path, torch_load_calls):

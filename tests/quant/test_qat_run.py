@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import test_qat_fixtures as F
-from yolo_q.engine import Hook
+from conftest import StopAfterEpoch
 from yolo_q import load_model
 from yolo_q.io import save_checkpoint
 from yolo_q.optim import WarmupScheduler
@@ -26,17 +26,6 @@ def quantized_from(path, which="model"):
     ck = torch.load(path, map_location="cpu", weights_only=True)
     from yolo_q.config import config_from_dict
     return build_quantized(config_from_dict(ck["config"]), ck[which], ck["quant"], str(path))
-
-
-class StopAfterEpoch(Hook):
-    """Simulates a crash after the checkpoint of epoch ``epoch`` was written."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def after_epoch(self):
-        if self.trainer.epoch == self.epoch:
-            raise KeyboardInterrupt("simulated interruption")
 
 
 FULL = ("quant.qat.epochs=2", "train.tensorboard=true", "train.log_interval=1")

@@ -29,7 +29,7 @@ flavour, high-precision outputs) a signed (unsigned after ReLU) 8-bit grid with
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -166,6 +166,12 @@ def int32_bias_overflow(model: nn.Module) -> Dict[str, int]:
     return out
 
 
+def bias_overflow_lines(counts: Dict[str, int]) -> List[str]:
+    """Report lines for :func:`int32_bias_overflow`'s counts (none when there are none)."""
+    return [f"  {name}: bias of {n} channel(s) beyond int32 (weight scale near zero), saturated"
+            for name, n in counts.items()]
+
+
 def _multipliers(acc_scale: torch.Tensor, out: "_Grid", acc: torch.Tensor):
     """Fixed-point (m0, shift) per channel for requantizing the accumulator to ``out``."""
     pairs = [quantize_multiplier(m) for m in (acc_scale / out.scale).tolist()]
@@ -257,4 +263,5 @@ def integer_check(model: nn.Module, batch) -> Dict[str, float]:
     return result
 
 
-__all__ = ["int32_bias_overflow", "integer_check", "quantize_multiplier", "requantize"]
+__all__ = ["bias_overflow_lines", "int32_bias_overflow", "integer_check", "quantize_multiplier",
+           "requantize"]

@@ -38,7 +38,7 @@ from . import sensitivity as sens
 from .calibrators import METHODS
 from .convert import (FLAVOURS, CalibrationError, calibrate, convert, is_quantized, quant_state,
                       quantized_layers, resolve_settings)
-from .integer import int32_bias_overflow, integer_check
+from .integer import bias_overflow_lines, int32_bias_overflow, integer_check
 from .load import load_model
 from .sensitivity import MODES
 
@@ -242,8 +242,8 @@ def _integer_report(model, batch, say) -> dict:
     for name, v in sorted(dev.items(), key=lambda kv: -kv[1]):
         say(f"  {v:8.3f}  {name}")
     saturated = int32_bias_overflow(model)
-    for name, n in saturated.items():
-        say(f"  {name}: bias of {n} channel(s) beyond int32 (weight scale near zero), saturated")
+    for line in bias_overflow_lines(saturated):
+        say(line)
     return {"max": max(dev.values()) if dev else None, "layers": dev,
             "bias_saturated": saturated}
 

@@ -59,7 +59,8 @@ from ..models.loading import float_model_from_state, weight_settings, with_setti
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
                       enable_range_ema, is_quantized, quant_state, quantized_layers)
 from .distill import ChannelDistillHook
-from .integer import int32_bias_overflow, integer_check as run_integer_check
+from .integer import bias_overflow_lines, int32_bias_overflow
+from .integer import integer_check as run_integer_check
 from .load import load_quantized
 
 logger = logging.getLogger(__name__)
@@ -493,9 +494,7 @@ def format_report(summary: Dict[str, Any], top: int = 10) -> str:
             lines.append(f"  {name:<52}{v:7.3f}")
         if len(worst) > top:
             lines.append(f"  ... {len(worst) - top} more (all in results.json)")
-    for name, n in (summary.get("integer_bias_saturated") or {}).items():
-        lines.append(f"  {name}: bias of {n} channel(s) beyond int32 (weight scale near zero), "
-                     f"saturated")
+    lines += bias_overflow_lines(summary.get("integer_bias_saturated") or {})
     return "\n".join(lines)
 
 
