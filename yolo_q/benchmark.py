@@ -34,7 +34,8 @@ import torch
 from .data.images import image_batches
 from .engine.session import build_optimizer_for
 from .eval.api import val_loader_for
-from .eval.backends import (TorchBackend, TrtBackend, build_backend, load_deploy_trt, ov_compile,
+from .eval.backends import (TorchBackend, TrtBackend, build_backend, format_ov_summary,
+                            load_deploy_trt, ov_compile, ov_precision_summary,
                             openvino_missing)
 from .eval.coco import COCOEvaluator
 from .eval.runner import evaluate
@@ -400,6 +401,8 @@ def _ov_runner(precision: Optional[str] = "f32"):
         def prepare(x_t, x_np):
             compiled = ov_compile(path, bench.threads, "LATENCY", precision,
                                   batch=int(x_np.shape[0]))
+            bench.ov_graphs[(str(path), int(x_np.shape[0]))] = format_ov_summary(
+                ov_precision_summary(compiled))
             request = compiled.create_infer_request()
             return (lambda: request.infer({0: x_np})), None
         return prepare
@@ -433,9 +436,14 @@ def _nncf_missing() -> Optional[str]:
 _OV = ("openvino", {})
 # our QDQ exports: variant -> (flavour, config overrides): "onnxruntime_post" quantizes SiLU
 # outputs after the activation (the conv stays float in ORT), "onnxruntime_int8out" also
-# quantizes the prediction convs' outputs (no high-precision outputs: every conv integer)
+# quantizes the prediction convs' outputs (no high-precision outputs: every conv integer);
+# "_s8": signed activations stored as int8 (zero point 0, for OpenVINO; the same fake-quant
+# model as the variant without it, so it is quantized once)
 QDQ_VARIANTS = {"onnxruntime": ("onnxruntime", []),
+                "onnxruntime_s8": ("onnxruntime", ["export.act_storage=int8"]),
                 "onnxruntime_post": ("onnxruntime", ["quant.preact_output=false"]),
+                "onnxruntime_post_s8": ("onnxruntime", ["quant.preact_output=false",
+                                                        "export.act_storage=int8"]),
                 "onnxruntime_int8out": ("onnxruntime", ["quant.high_precision_outputs=false"]),
                 "tensorrt": ("tensorrt", [])}
 RUNTIMES: Dict[str, Runtime] = {
@@ -466,6 +474,12 @@ RUNTIMES: Dict[str, Runtime] = {
     "ov_int8_onnxruntime": Runtime("OpenVINO INT8 ours (onnxruntime flavour)",
                                    "ort_int8_onnxruntime", _ov_runner(), False, openvino_missing,
                                    _OV),
+    "ov_int8_onnxruntime_s8": Runtime("OpenVINO INT8 ours (onnxruntime fl., int8 signed acts)",
+                                      "ort_int8_onnxruntime_s8", _ov_runner(), False,
+                                      openvino_missing, _OV),
+    "ov_int8_onnxruntime_post_s8": Runtime("OpenVINO INT8 ours (Q after SiLU, int8 signed acts)",
+                                           "ort_int8_onnxruntime_post_s8", _ov_runner(), False,
+                                           openvino_missing, _OV),
     "ov_int8_onnxruntime_post": Runtime("OpenVINO INT8 ours (onnxruntime fl., Q after SiLU)",
                                         "ort_int8_onnxruntime_post", _ov_runner(), False,
                                         openvino_missing, _OV),
@@ -534,6 +548,7 @@ class _Bench:
     calib_src: str = ""
     onnx_files: Dict[str, Path] = field(default_factory=dict)
     runtimes: Dict[str, Runtime] = field(default_factory=dict)
+    ov_graphs: Dict[Tuple[str, int], str] = field(default_factory=dict)  # (file, batch) -> summary
 
 
 class BenchmarkProcessError(RuntimeError):
@@ -666,6 +681,19 @@ def _bench_calibration(bench: _Bench, calib, calib_num: int, seed: int) -> None:
         bench.calib_src = "random images"
 
 
+def _variant_qmodel(bench: _Bench, variant: str):
+    """The quantized model of a variant that differs from ``variant`` only in export options
+    (``export.*`` overrides), if one is already built: the same fake-quant model, exported
+    another way."""
+    flavour, overrides = QDQ_VARIANTS[variant]
+    quant = [o for o in overrides if not o.startswith("export.")]
+    for v, (f, ov) in QDQ_VARIANTS.items():
+        if v in bench.qmodels and f == flavour and \
+                [o for o in ov if not o.startswith("export.")] == quant:
+            return bench.qmodels[v]
+    return None
+
+
 def _bench_onnx(bench: _Bench, calib_method: str) -> None:
     """The float ONNX, our INT8 QDQ ONNX per flavour (given or quick-PTQ models) and the
     ``quantize_static`` reference, as the rows need them."""
@@ -685,18 +713,19 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
         key = f"ort_int8_{variant}"
         if key not in needed:
             continue
-        qm = bench.qmodels.get(variant)
+        vcfg = copy_config(cfg, overrides) if overrides else cfg
+        qm = _variant_qmodel(bench, variant)
         if qm is None:
             bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {variant} "
                       f"flavour ...")
-            vcfg = copy_config(cfg, overrides) if overrides else cfg
             qm = quick_ptq(bench.fused, vcfg, flavour, bench.calib_batches, method=calib_method)
-            bench.qmodels[variant] = qm
             bench.notes.append(f"INT8 {variant} flavour: quick PTQ ({calib_method} calibration "
                                f"on {len(bench.calib_batches)} batches of {bench.calib_src})")
+        bench.qmodels[variant] = qm
         files[key] = export_qdq(qm, bench.work / f"int8_{variant}.onnx", flavour=flavour,
                                 img_size=bench.img_size, dynamic_batch=True,
-                                ort_weights=str(cfg.export.ort_weights))
+                                ort_weights=str(cfg.export.ort_weights),
+                                act_storage=str(vcfg.export.act_storage))
         if flavour == "onnxruntime":
             bench.notes.append(f"INT8 onnxruntime flavour: "
                                f"{resolve_ort_weights(str(cfg.export.ort_weights))} weights "
@@ -749,8 +778,11 @@ def _bench_map(bench: _Bench, rows: Sequence[str], val, val_images: Optional[int
                 done[key] = score(build_backend(kind, str(bench.onnx_files[rt.onnx]),
                                                 threads=bench.threads, **kw))
         out[r] = done[key]
+    scored: Dict[int, float] = {}  # variants that share one fake-quant model score it once
     for flavour, qm in bench.qmodels.items():
-        out[f"torch_fq_{flavour}"] = score(TorchBackend(qm))
+        if id(qm) not in scored:
+            scored[id(qm)] = score(TorchBackend(qm))
+        out[f"torch_fq_{flavour}"] = scored[id(qm)]
     return out
 
 
@@ -820,6 +852,11 @@ def _time_rows(bench: _Bench, prepares: Dict[str, Callable], batches: Sequence[i
                    "speedup_vs_fastest_fp32": fp32[fastest] / med if fastest else None}
             if r in graph_ops:
                 row["ort_graph_ops"] = graph_ops[r]
+            rt = bench.runtimes[r]
+            if rt.backend and rt.backend[0] == "openvino":  # what OpenVINO made of the file
+                ov_graph = bench.ov_graphs.get((str(bench.onnx_files.get(rt.onnx)), b))
+                if ov_graph:
+                    row["ov_graph"] = ov_graph
             results.append(row)
     return results
 
@@ -852,6 +889,10 @@ def format_speed_table(res: Dict[str, Any]) -> str:
             lines.append(f"  {r['label']}: ORT-optimized graph has {ops['QLinearConv']} "
                          f"QLinearConv, {ops['Conv']} float Conv, {ops['QuantizeLinear']} Q, "
                          f"{ops['DequantizeLinear']} DQ")
+    first = res["rows"][0]["batch"] if res["rows"] else None
+    for r in res["rows"]:
+        if r.get("ov_graph") and r["batch"] == first:
+            lines.append(f"  {r['label']}: OpenVINO runs {r['ov_graph']}")
     lines += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
 
