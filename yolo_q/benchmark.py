@@ -50,7 +50,8 @@ from .quant import is_quantized, load_model, quant_state
 
 __all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
            "randomize_weights", "normalize_activations_", "random_targets", "make_train_step", "train_benchmark",
-           "speed_benchmark", "format_speed_table", "format_train_table"]
+           "speed_benchmark", "format_speed_table", "format_train_table", "ov_layer_times",
+           "format_ov_layer_times"]
 
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                      "amx_int8", "amx_bf16")
@@ -921,4 +922,75 @@ def format_speed_markdown(res: Dict[str, Any]) -> str:
     for k, v in res.get("map", {}).items():
         if k.startswith("torch_fq_"):
             lines.append(f"torch fake-quant ({k[9:]} flavour): mAP50-95 {100 * v:.2f}.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ OpenVINO layers
+def _ov_group(name: str, node_type: str) -> str:
+    """Group of a profiled OpenVINO node: its type, convolutions also by the top-level scope of
+    the exporter's names (``/backbone/...`` -> ``Convolution backbone``)."""
+    if node_type == "Convolution" and name.startswith("/") and name.count("/") > 1:
+        return f"{node_type} {name.split('/')[1]}"
+    return node_type
+
+
+def ov_layer_times(paths: Sequence[str], batch: int = 1, iters: int = 10, threads: int = 2,
+                   img_size: int = 640, seed: int = 0) -> Dict[str, Any]:
+    """Per-layer OpenVINO CPU times of model files (ONNX or IR) on the same random images,
+    round-robin: for each file the MINIMUM over ``iters`` runs of every executed node
+    (``PERF_COUNT``), summed per group (:func:`_ov_group`) and in total, plus the wall-clock
+    min / median of the runs. On a machine shared with other jobs the per-node minima are far
+    steadier than wall times: a node is measured quiet if any one of its runs was."""
+    reqs = {}
+    for p in paths:
+        compiled = ov_compile(p, threads, "LATENCY", "f32", batch=batch, perf_count=True)
+        shape = compiled.input(0).get_partial_shape()
+        hw = [d.get_length() if d.is_static else img_size for d in list(shape)[2:]]
+        reqs[str(p)] = (compiled.create_infer_request(), hw)
+    x = {p: np.ascontiguousarray(random_images(batch, max(hw), seed)[..., :hw[0], :hw[1]]
+                                 .float().numpy() / 255.0) for p, (_, hw) in reqs.items()}
+    nodes: Dict[str, Dict[Tuple[str, str, str], float]] = {p: {} for p in reqs}
+
+    def runner(p):
+        req = reqs[p][0]
+
+        def fn():
+            req.infer({0: x[p]})
+            for info in req.profiling_info:
+                if info.status == info.Status.EXECUTED:
+                    k = (info.node_name, info.node_type, info.exec_type)
+                    ms = info.real_time.total_seconds() * 1000
+                    nodes[p][k] = min(nodes[p].get(k, ms), ms)
+        return fn
+
+    times = round_robin({p: runner(p) for p in reqs}, iters, warmup=1)
+    out: Dict[str, Any] = {"batch": batch, "threads": threads, "iters": iters, "files": {}}
+    for p, t in times.items():
+        groups: Dict[str, float] = {}
+        for (name, kind, _), ms in nodes[p].items():
+            g = _ov_group(name, kind)
+            groups[g] = groups.get(g, 0.0) + ms
+        out["files"][p] = {"wall_min_ms": 1000 * min(t),
+                           "wall_median_ms": 1000 * float(np.median(t)),
+                           "node_min_sum_ms": sum(groups.values()), "groups": groups,
+                           "nodes": [[*k, ms] for k, ms in nodes[p].items()]}
+    return out
+
+
+def format_ov_layer_times(res: Dict[str, Any]) -> str:
+    """Groups x files table of :func:`ov_layer_times` (ms), totals last."""
+    files = list(res["files"])
+    names = [Path(f).name[:18] for f in files]
+    groups = sorted({g for f in files for g in res["files"][f]["groups"]},
+                    key=lambda g: -res["files"][files[0]]["groups"].get(g, 0.0))
+    w = max([len(g) for g in groups] + [26])
+    lines = [f"OpenVINO per-layer minima over {res['iters']} runs, batch {res['batch']}, "
+             f"{res['threads']} threads (ms)",
+             f"{'group':<{w}}" + "".join(f"{n:>20}" for n in names)]
+    for g in groups:
+        lines.append(f"{g:<{w}}" + "".join(f"{res['files'][f]['groups'].get(g, 0.0):>20.1f}"
+                                           for f in files))
+    for key, label in (("node_min_sum_ms", "sum of per-layer minima"),
+                       ("wall_min_ms", "wall min"), ("wall_median_ms", "wall median")):
+        lines.append(f"{label:<{w}}" + "".join(f"{res['files'][f][key]:>20.1f}" for f in files))
     return "\n".join(lines)

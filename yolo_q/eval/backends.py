@@ -238,7 +238,7 @@ def _ov_static(dim) -> Optional[int]:
 
 
 def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "LATENCY",
-               precision: str = "f32", batch: Optional[int] = None):
+               precision: str = "f32", batch: Optional[int] = None, perf_count: bool = False):
     """Read an ONNX file and compile it for the OpenVINO CPU plugin: ``threads`` inference
     threads (None: OpenVINO's default, all cores), performance ``hint`` LATENCY (one stream:
     every thread on one request; what a synchronous call of one batch wants) or THROUGHPUT
@@ -246,7 +246,8 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
     by default; OpenVINO itself would pick bf16 on CPUs with AMX/AVX512-BF16, which is faster
     but no longer FP32-exact; None leaves OpenVINO's default), ``batch``: reshape a dynamic batch to this static size (static
     shapes compile to faster kernels). A QDQ ONNX runs its quantized layers in INT8 (OpenVINO's
-    low-precision transformations fuse the Q/DQ pairs into integer convolutions)."""
+    low-precision transformations fuse the Q/DQ pairs into integer convolutions). ``perf_count``:
+    per-layer timing (``request.profiling_info``). Also reads OpenVINO IR (.xml)."""
     why = openvino_missing()
     if why:
         raise RuntimeError(why)
@@ -273,6 +274,8 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
         config[props.hint.inference_precision] = getattr(ov.Type, precision)
     if threads:
         config[props.inference_num_threads] = int(threads)
+    if perf_count:
+        config[props.enable_profiling] = True
     return core.compile_model(model, "CPU", config)
 
 
