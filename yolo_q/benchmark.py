@@ -980,17 +980,17 @@ def ov_layer_times(paths: Sequence[str], batch: int = 1, iters: int = 10, thread
 def format_ov_layer_times(res: Dict[str, Any]) -> str:
     """Groups x files table of :func:`ov_layer_times` (ms), totals last."""
     files = list(res["files"])
-    names = [Path(f).name[:18] for f in files]
+    names = [Path(f).stem[-20:] for f in files]  # the tail tells variants apart
     groups = sorted({g for f in files for g in res["files"][f]["groups"]},
                     key=lambda g: -res["files"][files[0]]["groups"].get(g, 0.0))
     w = max([len(g) for g in groups] + [26])
     lines = [f"OpenVINO per-layer minima over {res['iters']} runs, batch {res['batch']}, "
              f"{res['threads']} threads (ms)",
-             f"{'group':<{w}}" + "".join(f"{n:>20}" for n in names)]
+             f"{'group':<{w}}" + "".join(f"{n:>22}" for n in names)]
     for g in groups:
-        lines.append(f"{g:<{w}}" + "".join(f"{res['files'][f]['groups'].get(g, 0.0):>20.1f}"
+        lines.append(f"{g:<{w}}" + "".join(f"{res['files'][f]['groups'].get(g, 0.0):>22.1f}"
                                            for f in files))
     for key, label in (("node_min_sum_ms", "sum of per-layer minima"),
                        ("wall_min_ms", "wall min"), ("wall_median_ms", "wall median")):
-        lines.append(f"{label:<{w}}" + "".join(f"{res['files'][f][key]:>20.1f}" for f in files))
+        lines.append(f"{label:<{w}}" + "".join(f"{res['files'][f][key]:>22.1f}" for f in files))
     return "\n".join(lines)
