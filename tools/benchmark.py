@@ -14,7 +14,8 @@ Training step (forward + DetectionLoss + backward + SGD step) images/s on random
 
 Where OpenVINO spends the time, layer by layer (minimum of each layer over the runs: steady
 even on a shared machine), for model files such as those --work-dir keeps:
-    python tools/benchmark.py ov-layers runs/bench/int8_onnxruntime_s8.onnx runs/bench/int8_nncf.xml --batch 32 --iters 20
+    python tools/benchmark.py ov-layers runs/bench/int8_onnxruntime_s8.onnx \
+        runs/bench/int8_nncf.xml --batch 32 --iters 20
 
 Without --weights the model has random weights (biases randomized: see the export pitfall in
 benchmarks/README.md). INT8 rows without --quant-weights come from a quick max-calibration PTQ of
