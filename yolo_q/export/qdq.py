@@ -103,11 +103,12 @@ def resolve_ort_weights(choice: str = "auto") -> str:
 
 
 @contextlib.contextmanager
-def weight_storage(model: nn.Module, dtype: str):
-    """Within the block, signed weight quantizers store their grid as ``dtype`` (int8 | uint8,
-    zero point 0 | 128): the fake-quant values are identical, only the exported Q/DQ differs."""
+def _storage(model: nn.Module, weights: bool, dtype: str):
+    """Within the block, the signed weight (``weights``) or activation quantizers store their
+    grid as ``dtype`` (int8 | uint8: zero point 0 | 128): the fake-quant values are identical,
+    only the exported Q/DQ differs."""
     qs = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer)
-          and n.rpartition(".")[2] == "_weight_quantizer" and not q.unsigned]
+          and (n.rpartition(".")[2] == "_weight_quantizer") == weights and not q.unsigned]
     old = [q.uint8_storage for q in qs]
     try:
         for q in qs:
@@ -118,22 +119,17 @@ def weight_storage(model: nn.Module, dtype: str):
             q.uint8_storage = o
 
 
-@contextlib.contextmanager
+def weight_storage(model: nn.Module, dtype: str):
+    """Context: signed weight quantizers store their grid as ``dtype`` (int8 | uint8)."""
+    return _storage(model, True, dtype)
+
+
 def activation_storage(model: nn.Module, dtype: str):
-    """Within the block, the signed activation quantizers of an onnxruntime-flavour model store
-    their grid as ``dtype`` (uint8 | int8: zero point 128 | 0); values are identical."""
+    """Context: signed activation quantizers store their grid as ``dtype`` (uint8 | int8, zero
+    point 128 | 0; the onnxruntime flavour's ``act_storage``)."""
     if dtype not in ACT_STORAGE:
         raise ValueError(f"export.act_storage must be one of {ACT_STORAGE}, got {dtype!r}")
-    qs = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer)
-          and n.rpartition(".")[2] != "_weight_quantizer" and not q.unsigned]
-    old = [q.uint8_storage for q in qs]
-    try:
-        for q in qs:
-            q.uint8_storage = dtype == "uint8"
-        yield model
-    finally:
-        for q, o in zip(qs, old):
-            q.uint8_storage = o
+    return _storage(model, False, dtype)
 
 
 def _torch_export(model, path, img_size, batch, opset, dynamic_batch, raw_outputs=True):
