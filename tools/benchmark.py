@@ -12,6 +12,11 @@ run, speed-ups vs ONNX Runtime FP32 and vs the fastest FP32 row, mAP with --val
 Training step (forward + DetectionLoss + backward + SGD step) images/s on random data:
     python tools/benchmark.py train --config configs/yolov6n.yaml --batch 8 --imgsz 320 --threads 2
 
+Where OpenVINO spends the time, layer by layer (minimum of each layer over the runs: steady
+even on a shared machine), for model files such as those --work-dir keeps:
+    python tools/benchmark.py ov-layers runs/bench/int8_onnxruntime_s8.onnx \
+        runs/bench/int8_nncf.xml --batch 32 --iters 20
+
 Without --weights the model has random weights (biases randomized: see the export pitfall in
 benchmarks/README.md). INT8 rows without --quant-weights come from a quick max-calibration PTQ of
 the float model on --calib images (default: random images).
@@ -21,9 +26,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep (interleaved runs)
 import argparse  # noqa: E402
 
-from yolo_q.benchmark import (DEFAULT_ROWS, format_speed_markdown, format_speed_table,
-                              format_train_table, parse_extra_onnx, speed_benchmark,
-                              train_benchmark)  # noqa: E402
+from yolo_q.benchmark import (DEFAULT_ROWS, format_ov_layer_times, format_speed_markdown,
+                              format_speed_table, format_train_table, ov_layer_times,
+                              parse_extra_onnx, speed_benchmark, train_benchmark)  # noqa: E402
 from yolo_q.cli import config_from_args, run_tool  # noqa: E402
 from yolo_q.io import check_output_dir, check_output_file, write_json  # noqa: E402
 
@@ -41,7 +46,7 @@ def _common(p, batch_default, imgsz_default):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{speed,train}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{speed,train,ov-layers}")
     s = sub.add_parser("speed", help="inference latency / throughput of every runtime",
                        description="Inference latency (median, p90) and throughput per runtime.")
     _common(s, 1, 640)
@@ -74,7 +79,17 @@ def get_args_parser():
     _common(t, 8, 320)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.subparsers = {"speed": s, "train": t}
+    o = sub.add_parser("ov-layers", help="OpenVINO per-layer times of model files",
+                       description="OpenVINO CPU per-layer times (minimum per layer over the "
+                                   "runs, round-robin over the files), grouped.")
+    o.add_argument("files", nargs="+", help="ONNX or OpenVINO IR (.xml) files")
+    o.add_argument("--batch", type=int, default=1)
+    o.add_argument("--iters", type=int, default=10)
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--imgsz", type=int, default=640, help="input size of a dynamic-shape model")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    p.subparsers = {"speed": s, "train": t, "ov-layers": o}
     return p
 
 
@@ -86,14 +101,31 @@ def parse_args(argv=None):
     p = get_args_parser()
     if not argv or argv[0] not in p.subparsers:
         p.parse_args(argv)  # --help, or the usage error naming the choices
-        p.error("the first argument must be a subcommand: speed or train")
+        p.error("the first argument must be a subcommand: speed, train or ov-layers")
     args = p.subparsers[argv[0]].parse_intermixed_args(argv[1:])
     args.cmd = argv[0]
     return args
 
 
+def _ov_layers(args):
+    from pathlib import Path
+    for f in args.files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"{f}: model file not found")
+    if args.json:
+        check_output_file(args.json, args.files, what="--json file")
+    res = ov_layer_times(args.files, batch=args.batch, iters=args.iters, threads=args.threads,
+                         img_size=args.imgsz, seed=args.seed)
+    print(format_ov_layer_times(res))
+    if args.json:
+        write_json(args.json, res)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.cmd == "ov-layers":
+        return _ov_layers(args)
     cfg = config_from_args(args)
     inputs = [getattr(args, "weights", None), *getattr(args, "quant_weights", [])]
     if args.json:

@@ -34,7 +34,8 @@ import torch
 from .data.images import image_batches
 from .engine.session import build_optimizer_for
 from .eval.api import val_loader_for
-from .eval.backends import (TorchBackend, TrtBackend, build_backend, load_deploy_trt, ov_compile,
+from .eval.backends import (TorchBackend, TrtBackend, build_backend, format_ov_summary,
+                            load_deploy_trt, ov_compile, ov_precision_summary,
                             openvino_missing)
 from .eval.coco import COCOEvaluator
 from .eval.runner import evaluate
@@ -49,7 +50,8 @@ from .quant import is_quantized, load_model, quant_state
 
 __all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
            "randomize_weights", "normalize_activations_", "random_targets", "make_train_step", "train_benchmark",
-           "speed_benchmark", "format_speed_table", "format_train_table"]
+           "speed_benchmark", "format_speed_table", "format_train_table", "ov_layer_times",
+           "format_ov_layer_times"]
 
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                      "amx_int8", "amx_bf16")
@@ -400,6 +402,8 @@ def _ov_runner(precision: Optional[str] = "f32"):
         def prepare(x_t, x_np):
             compiled = ov_compile(path, bench.threads, "LATENCY", precision,
                                   batch=int(x_np.shape[0]))
+            bench.ov_graphs[(str(path), int(x_np.shape[0]))] = format_ov_summary(
+                ov_precision_summary(compiled))
             request = compiled.create_infer_request()
             return (lambda: request.infer({0: x_np})), None
         return prepare
@@ -433,9 +437,14 @@ def _nncf_missing() -> Optional[str]:
 _OV = ("openvino", {})
 # our QDQ exports: variant -> (flavour, config overrides): "onnxruntime_post" quantizes SiLU
 # outputs after the activation (the conv stays float in ORT), "onnxruntime_int8out" also
-# quantizes the prediction convs' outputs (no high-precision outputs: every conv integer)
+# quantizes the prediction convs' outputs (no high-precision outputs: every conv integer);
+# "_s8": signed activations stored as int8 (zero point 0, for OpenVINO; the same fake-quant
+# model as the variant without it, so it is quantized once)
 QDQ_VARIANTS = {"onnxruntime": ("onnxruntime", []),
+                "onnxruntime_s8": ("onnxruntime", ["export.act_storage=int8"]),
                 "onnxruntime_post": ("onnxruntime", ["quant.preact_output=false"]),
+                "onnxruntime_post_s8": ("onnxruntime", ["quant.preact_output=false",
+                                                        "export.act_storage=int8"]),
                 "onnxruntime_int8out": ("onnxruntime", ["quant.high_precision_outputs=false"]),
                 "tensorrt": ("tensorrt", [])}
 RUNTIMES: Dict[str, Runtime] = {
@@ -466,6 +475,12 @@ RUNTIMES: Dict[str, Runtime] = {
     "ov_int8_onnxruntime": Runtime("OpenVINO INT8 ours (onnxruntime flavour)",
                                    "ort_int8_onnxruntime", _ov_runner(), False, openvino_missing,
                                    _OV),
+    "ov_int8_onnxruntime_s8": Runtime("OpenVINO INT8 ours (onnxruntime fl., int8 signed acts)",
+                                      "ort_int8_onnxruntime_s8", _ov_runner(), False,
+                                      openvino_missing, _OV),
+    "ov_int8_onnxruntime_post_s8": Runtime("OpenVINO INT8 ours (Q after SiLU, int8 signed acts)",
+                                           "ort_int8_onnxruntime_post_s8", _ov_runner(), False,
+                                           openvino_missing, _OV),
     "ov_int8_onnxruntime_post": Runtime("OpenVINO INT8 ours (onnxruntime fl., Q after SiLU)",
                                         "ort_int8_onnxruntime_post", _ov_runner(), False,
                                         openvino_missing, _OV),
@@ -534,6 +549,7 @@ class _Bench:
     calib_src: str = ""
     onnx_files: Dict[str, Path] = field(default_factory=dict)
     runtimes: Dict[str, Runtime] = field(default_factory=dict)
+    ov_graphs: Dict[Tuple[str, int], str] = field(default_factory=dict)  # (file, batch) -> summary
 
 
 class BenchmarkProcessError(RuntimeError):
@@ -666,6 +682,19 @@ def _bench_calibration(bench: _Bench, calib, calib_num: int, seed: int) -> None:
         bench.calib_src = "random images"
 
 
+def _variant_qmodel(bench: _Bench, variant: str):
+    """The quantized model of a variant that differs from ``variant`` only in export options
+    (``export.*`` overrides), if one is already built: the same fake-quant model, exported
+    another way."""
+    flavour, overrides = QDQ_VARIANTS[variant]
+    quant = [o for o in overrides if not o.startswith("export.")]
+    for v, (f, ov) in QDQ_VARIANTS.items():
+        if v in bench.qmodels and f == flavour and \
+                [o for o in ov if not o.startswith("export.")] == quant:
+            return bench.qmodels[v]
+    return None
+
+
 def _bench_onnx(bench: _Bench, calib_method: str) -> None:
     """The float ONNX, our INT8 QDQ ONNX per flavour (given or quick-PTQ models) and the
     ``quantize_static`` reference, as the rows need them."""
@@ -685,18 +714,19 @@ def _bench_onnx(bench: _Bench, calib_method: str) -> None:
         key = f"ort_int8_{variant}"
         if key not in needed:
             continue
-        qm = bench.qmodels.get(variant)
+        vcfg = copy_config(cfg, overrides) if overrides else cfg
+        qm = _variant_qmodel(bench, variant)
         if qm is None:
             bench.log(f"quick PTQ ({calib_method}, {bench.calib_src}) for the {variant} "
                       f"flavour ...")
-            vcfg = copy_config(cfg, overrides) if overrides else cfg
             qm = quick_ptq(bench.fused, vcfg, flavour, bench.calib_batches, method=calib_method)
-            bench.qmodels[variant] = qm
             bench.notes.append(f"INT8 {variant} flavour: quick PTQ ({calib_method} calibration "
                                f"on {len(bench.calib_batches)} batches of {bench.calib_src})")
+        bench.qmodels[variant] = qm
         files[key] = export_qdq(qm, bench.work / f"int8_{variant}.onnx", flavour=flavour,
                                 img_size=bench.img_size, dynamic_batch=True,
-                                ort_weights=str(cfg.export.ort_weights))
+                                ort_weights=str(cfg.export.ort_weights),
+                                act_storage=str(vcfg.export.act_storage))
         if flavour == "onnxruntime":
             bench.notes.append(f"INT8 onnxruntime flavour: "
                                f"{resolve_ort_weights(str(cfg.export.ort_weights))} weights "
@@ -749,8 +779,11 @@ def _bench_map(bench: _Bench, rows: Sequence[str], val, val_images: Optional[int
                 done[key] = score(build_backend(kind, str(bench.onnx_files[rt.onnx]),
                                                 threads=bench.threads, **kw))
         out[r] = done[key]
+    scored: Dict[int, float] = {}  # variants that share one fake-quant model score it once
     for flavour, qm in bench.qmodels.items():
-        out[f"torch_fq_{flavour}"] = score(TorchBackend(qm))
+        if id(qm) not in scored:
+            scored[id(qm)] = score(TorchBackend(qm))
+        out[f"torch_fq_{flavour}"] = scored[id(qm)]
     return out
 
 
@@ -820,6 +853,11 @@ def _time_rows(bench: _Bench, prepares: Dict[str, Callable], batches: Sequence[i
                    "speedup_vs_fastest_fp32": fp32[fastest] / med if fastest else None}
             if r in graph_ops:
                 row["ort_graph_ops"] = graph_ops[r]
+            rt = bench.runtimes[r]
+            if rt.backend and rt.backend[0] == "openvino":  # what OpenVINO made of the file
+                ov_graph = bench.ov_graphs.get((str(bench.onnx_files.get(rt.onnx)), b))
+                if ov_graph:
+                    row["ov_graph"] = ov_graph
             results.append(row)
     return results
 
@@ -852,6 +890,10 @@ def format_speed_table(res: Dict[str, Any]) -> str:
             lines.append(f"  {r['label']}: ORT-optimized graph has {ops['QLinearConv']} "
                          f"QLinearConv, {ops['Conv']} float Conv, {ops['QuantizeLinear']} Q, "
                          f"{ops['DequantizeLinear']} DQ")
+    first = res["rows"][0]["batch"] if res["rows"] else None
+    for r in res["rows"]:
+        if r.get("ov_graph") and r["batch"] == first:
+            lines.append(f"  {r['label']}: OpenVINO runs {r['ov_graph']}")
     lines += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(lines)
 
@@ -880,4 +922,75 @@ def format_speed_markdown(res: Dict[str, Any]) -> str:
     for k, v in res.get("map", {}).items():
         if k.startswith("torch_fq_"):
             lines.append(f"torch fake-quant ({k[9:]} flavour): mAP50-95 {100 * v:.2f}.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ OpenVINO layers
+def _ov_group(name: str, node_type: str) -> str:
+    """Group of a profiled OpenVINO node: its type, convolutions also by the top-level scope of
+    the exporter's names (``/backbone/...`` -> ``Convolution backbone``)."""
+    if node_type == "Convolution" and name.startswith("/") and name.count("/") > 1:
+        return f"{node_type} {name.split('/')[1]}"
+    return node_type
+
+
+def ov_layer_times(paths: Sequence[str], batch: int = 1, iters: int = 10, threads: int = 2,
+                   img_size: int = 640, seed: int = 0) -> Dict[str, Any]:
+    """Per-layer OpenVINO CPU times of model files (ONNX or IR) on the same random images,
+    round-robin: for each file the MINIMUM over ``iters`` runs of every executed node
+    (``PERF_COUNT``), summed per group (:func:`_ov_group`) and in total, plus the wall-clock
+    min / median of the runs. On a machine shared with other jobs the per-node minima are far
+    steadier than wall times: a node is measured quiet if any one of its runs was."""
+    reqs = {}
+    for p in paths:
+        compiled = ov_compile(p, threads, "LATENCY", "f32", batch=batch, perf_count=True)
+        shape = compiled.input(0).get_partial_shape()
+        hw = [d.get_length() if d.is_static else img_size for d in list(shape)[2:]]
+        reqs[str(p)] = (compiled.create_infer_request(), hw)
+    x = {p: np.ascontiguousarray(random_images(batch, max(hw), seed)[..., :hw[0], :hw[1]]
+                                 .float().numpy() / 255.0) for p, (_, hw) in reqs.items()}
+    nodes: Dict[str, Dict[Tuple[str, str, str], float]] = {p: {} for p in reqs}
+
+    def runner(p):
+        req = reqs[p][0]
+
+        def fn():
+            req.infer({0: x[p]})
+            for info in req.profiling_info:
+                if info.status == info.Status.EXECUTED:
+                    k = (info.node_name, info.node_type, info.exec_type)
+                    ms = info.real_time.total_seconds() * 1000
+                    nodes[p][k] = min(nodes[p].get(k, ms), ms)
+        return fn
+
+    times = round_robin({p: runner(p) for p in reqs}, iters, warmup=1)
+    out: Dict[str, Any] = {"batch": batch, "threads": threads, "iters": iters, "files": {}}
+    for p, t in times.items():
+        groups: Dict[str, float] = {}
+        for (name, kind, _), ms in nodes[p].items():
+            g = _ov_group(name, kind)
+            groups[g] = groups.get(g, 0.0) + ms
+        out["files"][p] = {"wall_min_ms": 1000 * min(t),
+                           "wall_median_ms": 1000 * float(np.median(t)),
+                           "node_min_sum_ms": sum(groups.values()), "groups": groups,
+                           "nodes": [[*k, ms] for k, ms in nodes[p].items()]}
+    return out
+
+
+def format_ov_layer_times(res: Dict[str, Any]) -> str:
+    """Groups x files table of :func:`ov_layer_times` (ms), totals last."""
+    files = list(res["files"])
+    names = [Path(f).stem[-20:] for f in files]  # the tail tells variants apart
+    groups = sorted({g for f in files for g in res["files"][f]["groups"]},
+                    key=lambda g: -res["files"][files[0]]["groups"].get(g, 0.0))
+    w = max([len(g) for g in groups] + [26])
+    lines = [f"OpenVINO per-layer minima over {res['iters']} runs, batch {res['batch']}, "
+             f"{res['threads']} threads (ms)",
+             f"{'group':<{w}}" + "".join(f"{n:>22}" for n in names)]
+    for g in groups:
+        lines.append(f"{g:<{w}}" + "".join(f"{res['files'][f]['groups'].get(g, 0.0):>22.1f}"
+                                           for f in files))
+    for key, label in (("node_min_sum_ms", "sum of per-layer minima"),
+                       ("wall_min_ms", "wall min"), ("wall_median_ms", "wall median")):
+        lines.append(f"{label:<{w}}" + "".join(f"{res['files'][f][key]:>22.1f}" for f in files))
     return "\n".join(lines)

@@ -357,7 +357,9 @@ class Pipeline:
 
     def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
         """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;
-        the other flavours from a PTQ of the float model calibrated for that flavour."""
+        the other flavours from a PTQ of the float model calibrated for that flavour; the
+        onnxruntime flavour once more with ``export.act_storage=int8`` for OpenVINO (the same
+        values; OpenVINO folds its Q/DQ without requantize passes, ``deploy/cpu.md``)."""
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "export"
         out.mkdir(parents=True, exist_ok=True)
@@ -378,6 +380,11 @@ class Pipeline:
             res[f"int8_{fl}"] = export_model(cfg, str(ck), out=out / f"int8_{fl}.onnx",
                                              img_size=size)["path"]
             res["int8_source"][fl] = "ptq"
+        if "onnxruntime" in res["int8_source"]:  # OpenVINO's copy: int8 signed activations
+            src = final if own == "onnxruntime" else out / "ptq_onnxruntime.pt"
+            res["int8_onnxruntime_openvino"] = export_model(
+                copy_config(cfg, ["export.act_storage=int8"]), str(src),
+                out=out / "int8_onnxruntime_openvino.onnx", img_size=size)["path"]
         return res
 
     def stage_eval(self, variant, tr, ptq, qat, exp) -> Dict[str, Any]:
@@ -403,7 +410,8 @@ class Pipeline:
         jobs.append(("float", "OpenVINO FP32", "openvino", exp["float"]))
         for fl, src in exp["int8_source"].items():
             stage = "qat+cwd" if src == "qat" and qat and qat.distill else src
-            jobs.append((stage, f"OpenVINO INT8 ({fl} flavour)", "openvino", exp[f"int8_{fl}"]))
+            jobs.append((stage, f"OpenVINO INT8 ({fl} flavour)", "openvino",
+                         exp.get(f"int8_{fl}_openvino", exp[f"int8_{fl}"])))
         jobs.append(("float", "TensorRT FP16", "tensorrt", exp["float"]))
         if "tensorrt" in exp["int8_source"]:
             jobs.append((exp["int8_source"]["tensorrt"], "TensorRT INT8", "tensorrt",

@@ -57,7 +57,7 @@ def test_speed_subcommand(repo_root, tmp_path):
     # OpenVINO/ORT tests, the in-process run once ended the worker; not reproduced alone)
     rows = ["torch_eager", "torch_fused", "ort_fp32", "ort_int8_onnxruntime", "ort_quantize_static"]
     if importlib.util.find_spec("openvino") is not None:
-        rows += ["ov_fp32", "ov_int8_onnxruntime"]
+        rows += ["ov_fp32", "ov_int8_onnxruntime", "ov_int8_onnxruntime_s8"]
     out = tmp_path / "speed.json"
     r = subprocess.run([sys.executable, repo_root / "tools/benchmark.py", "speed", *TINY,
                         "--imgsz", "64", "--batch", "1", "2", "--iters", "2", "--iters-large", "2",
@@ -85,6 +85,32 @@ def test_speed_subcommand(repo_root, tmp_path):
     assert ours["QLinearConv"] > 2 * ours["Conv"]
     for f in ("fp32.onnx", "int8_onnxruntime.onnx", "int8_quantize_static.onnx"):
         assert (tmp_path / "onnx" / f).is_file()
+    if "ov_int8_onnxruntime_s8" not in rows:
+        return
+    # what OpenVINO made of each file: float convs in FP32; our INT8 exports all-integer convs,
+    # with int8 signed activations no requantize pass; the _s8 variant reused the quick PTQ
+    graphs = {r["row"]: r["ov_graph"] for r in res["rows"] if r["batch"] == 1 and "ov_graph" in r}
+    assert set(graphs) == {"ov_fp32", "ov_int8_onnxruntime", "ov_int8_onnxruntime_s8"}
+    n = int(graphs["ov_fp32"].split("Convolution 0/")[1].split()[0])
+    assert n > 10 and all(f"Convolution {n}/{n} int8" in graphs[k] for k in
+                          ("ov_int8_onnxruntime", "ov_int8_onnxruntime_s8"))
+    assert graphs["ov_int8_onnxruntime_s8"].endswith(" 0 requantize")
+    assert not graphs["ov_int8_onnxruntime"].endswith(" 0 requantize")
+    assert "OpenVINO runs Convolution" in text
+    assert sum("quick PTQ" in n for n in res["notes"]) == 1
+    files = [str(tmp_path / "onnx" / f) for f in ("int8_onnxruntime.onnx",
+                                                   "int8_onnxruntime_s8.onnx")]
+    r = subprocess.run([sys.executable, repo_root / "tools/benchmark.py", "ov-layers", *files,
+                        "--iters", "2", "--json", str(tmp_path / "layers.json")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sum of per-layer minima" in r.stdout
+    lay = json.loads((tmp_path / "layers.json").read_text())
+    for f in files:
+        one = lay["files"][f]
+        assert one["groups"]["Convolution backbone"] > 0
+        assert one["node_min_sum_ms"] == pytest.approx(sum(x[-1] for x in one["nodes"]))
+        assert one["wall_min_ms"] <= one["wall_median_ms"]
 
 
 def test_speed_extra_onnx_and_map(repo_root, tmp_path):

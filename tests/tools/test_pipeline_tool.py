@@ -71,6 +71,15 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     for e in ev:
         if not e.get("skipped"):
             assert 0.0 <= e["map50_95"] <= 1.0
+    # OpenVINO evaluates its own copy of the onnxruntime-flavour export (int8 signed acts)
+    exp = state["export"]["result"]
+    ov_file = exp.get("int8_onnxruntime_openvino")
+    assert ov_file and ov_file != exp["int8_onnxruntime"]
+    ov_rows = [e for e in ev if e["runtime"] == "OpenVINO INT8 (onnxruntime flavour)"]
+    assert ov_rows and all(e["source"] == ov_file for e in ov_rows)
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(ov_file).metadata_props}
+    assert meta["act_storage"] == "int8"
     # torch float and ORT FP32 of the same weights agree (same pre/post-processing)
     m = {(e["stage"], e["runtime"]): e.get("map50_95") for e in ev}
     assert abs(m[("float", "torch FP32")] - m[("float", "ORT FP32")]) < 0.05

@@ -208,6 +208,10 @@ class ExportConfig:
     flavour: str = "onnxruntime"  # float | tensorrt | onnxruntime
     # onnxruntime flavour: weight storage, auto | int8 | uint8 (yolo_q.export.qdq.resolve_ort_weights)
     ort_weights: str = "auto"
+    # onnxruntime flavour: storage of SIGNED activation grids (same values either way):
+    # uint8 (zero point 128; ONNX Runtime's QLinear kernels) | int8 (zero point 0; OpenVINO folds
+    # every Q/DQ into the convolutions, no requantize passes) (yolo_q.export.qdq)
+    act_storage: str = "uint8"
     end2end: bool = False
     conf_thres: float = 0.25
     iou_thres: float = 0.45
@@ -293,6 +297,7 @@ CHOICES = {
     "quant.calib": ("max", "percentile", "mse", "entropy"),
     "export.flavour": ("float", "tensorrt", "onnxruntime"),
     "export.ort_weights": ("auto", "int8", "uint8"),
+    "export.act_storage": ("uint8", "int8"),
     "quant.sensitivity_proxy": ("agreement", "output"),
     "pipeline.sensitivity_mode": ("proxy", "exact", "both"),
     "pipeline.calib_methods": ("max", "percentile", "mse", "entropy"),

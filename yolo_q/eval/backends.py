@@ -29,7 +29,8 @@ from ..export.qdq import resolve_ort_weights
 from ..quant.load import load_model
 
 __all__ = ["Backend", "TorchBackend", "OrtBackend", "OvBackend", "TrtBackend", "build_backend",
-           "BACKEND_KINDS", "PAD_VALUE", "OV_HINTS", "OV_PRECISIONS", "openvino_missing"]
+           "BACKEND_KINDS", "PAD_VALUE", "OV_HINTS", "OV_PRECISIONS", "openvino_missing",
+           "ov_runtime_layers", "ov_precision_summary", "format_ov_summary"]
 
 PAD_VALUE = 114 / 255.0  # letterbox grey
 E2E_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
@@ -237,7 +238,7 @@ def _ov_static(dim) -> Optional[int]:
 
 
 def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "LATENCY",
-               precision: str = "f32", batch: Optional[int] = None):
+               precision: str = "f32", batch: Optional[int] = None, perf_count: bool = False):
     """Read an ONNX file and compile it for the OpenVINO CPU plugin: ``threads`` inference
     threads (None: OpenVINO's default, all cores), performance ``hint`` LATENCY (one stream:
     every thread on one request; what a synchronous call of one batch wants) or THROUGHPUT
@@ -245,7 +246,8 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
     by default; OpenVINO itself would pick bf16 on CPUs with AMX/AVX512-BF16, which is faster
     but no longer FP32-exact; None leaves OpenVINO's default), ``batch``: reshape a dynamic batch to this static size (static
     shapes compile to faster kernels). A QDQ ONNX runs its quantized layers in INT8 (OpenVINO's
-    low-precision transformations fuse the Q/DQ pairs into integer convolutions)."""
+    low-precision transformations fuse the Q/DQ pairs into integer convolutions). ``perf_count``:
+    per-layer timing (``request.profiling_info``). Also reads OpenVINO IR (.xml)."""
     why = openvino_missing()
     if why:
         raise RuntimeError(why)
@@ -272,7 +274,88 @@ def ov_compile(onnx_path: PathLike, threads: Optional[int] = None, hint: str = "
         config[props.hint.inference_precision] = getattr(ov.Type, precision)
     if threads:
         config[props.inference_num_threads] = int(threads)
+    if perf_count:
+        config[props.enable_profiling] = True
     return core.compile_model(model, "CPU", config)
+
+
+OV_INT8 = ("u8", "i8")
+# runtime layer types whose precision says whether the work runs in integer
+OV_COMPUTE = ("Convolution", "Deconvolution", "Concatenation", "Pooling", "Interpolate",
+              "Subgraph", "Eltwise", "FakeQuantize")
+_OV_SKIP = ("Const", "Input", "Output", "Parameter", "Result")
+
+
+def ov_runtime_layers(compiled) -> list:
+    """The layers OpenVINO actually executes (``compiled.get_runtime_model()``, after its
+    low-precision transformations and fusions), in execution order: ``name`` (first original
+    layer fused into it, else the runtime node's name), ``type`` (``layerType``),
+    ``precision`` (``runtimePrecision``: u8/i8 = integer kernel), ``out`` (output
+    precisions), ``inputs`` (precisions of the non-constant inputs), ``primitive``
+    (``primitiveType``, e.g. ``brgconv_avx512_amx_I8``) and ``fused`` (all original layers)."""
+    rows = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        get = (lambda k: info[k].astype(str) if k in info else "")  # noqa: E731
+        kind = get("layerType")
+        if kind in _OV_SKIP:
+            continue
+        fused = [n for n in get("originalLayersNames").split(",") if n]
+        srcs = [i.get_source_output().get_node() for i in op.inputs()]
+        inputs = [s.get_rt_info()["outputPrecisions"].astype(str) for s in srcs
+                  if s.get_rt_info()["layerType"].astype(str) != "Const"]
+        named = [n for n in fused if n.startswith("/")] or fused or [op.get_friendly_name()]
+        rows.append(dict(name=named[0], type=kind,
+                         precision=get("runtimePrecision"), out=get("outputPrecisions"),
+                         inputs=inputs, primitive=get("primitiveType"), fused=fused))
+    return rows
+
+
+def ov_precision_summary(compiled_or_layers) -> dict:
+    """Which runtime layers of an OpenVINO compiled model run in integer, from
+    :func:`ov_runtime_layers` (or a list it returned): ``counts`` ``{layerType: {"int8": n,
+    "float": m}}`` for the compute layers (:data:`OV_COMPUTE`); ``float`` ``{layerType:
+    [names]}`` of those running in float; ``conv_out`` output precisions of the
+    (de)convolutions (``f32`` = the next layer gets a float tensor); ``reorders`` /
+    ``converts`` (names, precision: ``u8->f32`` style); ``requantize``: int8 -> int8 elementwise
+    subgraphs (a Q/DQ pair OpenVINO could not fold into the producer, e.g. two grids meeting
+    at a Concat)."""
+    layers = compiled_or_layers if isinstance(compiled_or_layers, list) \
+        else ov_runtime_layers(compiled_or_layers)
+    counts: dict = {}
+    floats: dict = {}
+    conv_out: dict = {}
+    reorders, converts, requant = [], [], []
+    for r in layers:
+        t = r["type"]
+        if t in OV_COMPUTE:
+            kind = "int8" if r["precision"] in OV_INT8 else "float"
+            counts.setdefault(t, {"int8": 0, "float": 0})[kind] += 1
+            if kind == "float":
+                floats.setdefault(t, []).append(r["name"])
+        if t in ("Convolution", "Deconvolution"):
+            conv_out[r["out"]] = conv_out.get(r["out"], 0) + 1
+        io = f"{','.join(r['inputs'])}->{r['out']}"
+        if t == "Reorder":
+            reorders.append(f"{r['name']} ({io})")
+        elif t == "Convert":
+            converts.append(f"{r['name']} ({io})")
+        elif t in ("Subgraph", "Eltwise") and r["inputs"] and r["out"] in OV_INT8 \
+                and all(p in OV_INT8 for p in r["inputs"]):
+            requant.append(r["name"])
+    return dict(counts=counts, float=floats, conv_out=conv_out, reorders=reorders,
+                converts=converts, requantize=requant)
+
+
+def format_ov_summary(summary: dict) -> str:
+    """One line of :func:`ov_precision_summary`: int8/total per compute layer type, conv output
+    precisions, reorder / convert / requantize counts."""
+    counts = summary["counts"]
+    parts = [f"{t} {counts[t]['int8']}/{counts[t]['int8'] + counts[t]['float']} int8"
+             for t in OV_COMPUTE if t in counts]
+    outs = ", ".join(f"{k} {v}" for k, v in sorted(summary["conv_out"].items()))
+    return (f"{'; '.join(parts)}; conv outputs {outs or '-'}; {len(summary['reorders'])} Reorder, "
+            f"{len(summary['converts'])} Convert, {len(summary['requantize'])} requantize")
 
 
 class OvBackend(Backend):

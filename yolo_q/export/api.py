@@ -128,7 +128,7 @@ def export_model(cfg, weights, flavour: Optional[str] = None, out=None,
             calibrated_here = True
         # QDQ graphs are simplified only on request (a simplifier may fold weight Q/DQ pairs)
         export_qdq(model, out, flavour=flavour, simplify=bool(simplify),
-                   ort_weights=str(e.ort_weights), **common)
+                   ort_weights=str(e.ort_weights), act_storage=str(e.act_storage), **common)
     if fp16:
         _rewrite_fp16(out)
     return {"path": str(out), "flavour": flavour, "quantized": flavour != "float",

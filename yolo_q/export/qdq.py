@@ -16,6 +16,13 @@ like is decided by :func:`yolo_q.quant.convert` (the *flavour* is part of the qu
   while its u8 x u8 kernels are exact everywhere. With VNNI (``avx512_vnni`` / ``avx_vnni``)
   u8 x s8 is exact and much faster (YOLOv6-N 640 px, Zen 4, 2 threads: 14.2 vs 25.6 ms).
   ``auto`` picks int8 where the exporting CPU has VNNI (or is not x86), else uint8.
+  Signed activation grids (SiLU pre-activations, the upsampling ConvTranspose outputs) are
+  stored as uint8 with zero point 128 (``act_storage="uint8"``, what ONNX Runtime's QLinear
+  kernels take) or as int8 with zero point 0 (``"int8"``): the same values, so the fake-quant
+  model is unchanged. OpenVINO folds a zero point 128 into neither a Concat nor a SiLU: it runs
+  an extra u8 -> u8 requantize pass at each (11 on YOLOv6-N, see
+  :func:`yolo_q.eval.backends.ov_precision_summary`); with int8 storage every Q/DQ folds into
+  the producing convolution (conv + quantize + SiLU + quantize as one int8 kernel).
 
 Skipped layers (``quant.skip_layers``) have no Q/DQ.
 """
@@ -42,6 +49,7 @@ from .onnx import export_onnx
 PathLike = Union[str, os.PathLike]
 MIN_OPSET = 13  # per-channel QuantizeLinear (axis) needs opset 13
 ORT_WEIGHTS = ("auto", "int8", "uint8")
+ACT_STORAGE = ("uint8", "int8")
 
 
 class QDQExportError(RuntimeError):
@@ -95,11 +103,12 @@ def resolve_ort_weights(choice: str = "auto") -> str:
 
 
 @contextlib.contextmanager
-def weight_storage(model: nn.Module, dtype: str):
-    """Within the block, signed weight quantizers store their grid as ``dtype`` (int8 | uint8,
-    zero point 0 | 128): the fake-quant values are identical, only the exported Q/DQ differs."""
+def _storage(model: nn.Module, weights: bool, dtype: str):
+    """Within the block, the signed weight (``weights``) or activation quantizers store their
+    grid as ``dtype`` (int8 | uint8: zero point 0 | 128): the fake-quant values are identical,
+    only the exported Q/DQ differs."""
     qs = [q for n, q in model.named_modules() if isinstance(q, TensorQuantizer)
-          and n.rpartition(".")[2] == "_weight_quantizer" and not q.unsigned]
+          and (n.rpartition(".")[2] == "_weight_quantizer") == weights and not q.unsigned]
     old = [q.uint8_storage for q in qs]
     try:
         for q in qs:
@@ -108,6 +117,19 @@ def weight_storage(model: nn.Module, dtype: str):
     finally:
         for q, o in zip(qs, old):
             q.uint8_storage = o
+
+
+def weight_storage(model: nn.Module, dtype: str):
+    """Context: signed weight quantizers store their grid as ``dtype`` (int8 | uint8)."""
+    return _storage(model, True, dtype)
+
+
+def activation_storage(model: nn.Module, dtype: str):
+    """Context: signed activation quantizers store their grid as ``dtype`` (uint8 | int8, zero
+    point 128 | 0; the onnxruntime flavour's ``act_storage``)."""
+    if dtype not in ACT_STORAGE:
+        raise ValueError(f"export.act_storage must be one of {ACT_STORAGE}, got {dtype!r}")
+    return _storage(model, False, dtype)
 
 
 def _torch_export(model, path, img_size, batch, opset, dynamic_batch, raw_outputs=True):
@@ -147,7 +169,7 @@ class _RawOutputs(nn.Module):
 def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
                img_size=640, batch: int = 1, opset: int = 13, dynamic_batch: bool = False,
                simplify: bool = False, raw_outputs: bool = False, ort_weights: str = "auto",
-               **export_kwargs) -> Path:
+               act_storage: str = "uint8", **export_kwargs) -> Path:
     """Export a converted + calibrated model to QDQ ONNX at ``path``; returns the path.
 
     ``flavour`` (tensorrt | onnxruntime) must match the flavour the model was converted with
@@ -157,10 +179,17 @@ def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
     exports the head's raw maps ``cls_logits`` (B, N, nc) and ``reg`` (B, N, 4 or
     4*(reg_max+1)), useful for parity checks. ``ort_weights`` (auto | int8 | uint8): how the
     onnxruntime flavour stores weights (:func:`resolve_ort_weights`; the tensorrt flavour always
-    writes int8); recorded as metadata ``ort_weights``.
+    writes int8); recorded as metadata ``ort_weights``. ``act_storage`` (uint8 | int8): how the
+    onnxruntime flavour stores signed activation grids (uint8 for ONNX Runtime, int8 for
+    OpenVINO; see the module docstring; the tensorrt flavour is always int8); metadata
+    ``act_storage``.
     """
     flavour = _check_model(model, flavour)
+    if act_storage not in ACT_STORAGE:
+        raise QDQExportError(f"export.act_storage must be one of {ACT_STORAGE}, "
+                             f"got {act_storage!r}")
     w_dtype = resolve_ort_weights(ort_weights) if flavour == "onnxruntime" else "int8"
+    a_dtype = act_storage if flavour == "onnxruntime" else "int8"
     if opset < MIN_OPSET:
         raise QDQExportError(f"opset {opset} < {MIN_OPSET}: per-channel QuantizeLinear needs "
                              f"opset >= {MIN_OPSET}")
@@ -169,7 +198,7 @@ def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
     was_training = model.training
     model.eval()
     try:
-        with weight_storage(model, w_dtype):
+        with weight_storage(model, w_dtype), activation_storage(model, a_dtype):
             if raw_outputs:
                 if export_kwargs:
                     raise TypeError(f"raw_outputs=True takes no {sorted(export_kwargs)}")
@@ -180,6 +209,7 @@ def export_qdq(model: nn.Module, path: PathLike, flavour: Optional[str] = None,
                 meta.setdefault("quant_flavour", flavour)
                 if flavour == "onnxruntime":
                     meta.setdefault("ort_weights", w_dtype)
+                    meta.setdefault("act_storage", a_dtype)
                 export_onnx(model, path, img_size=img_size, batch=batch, opset=opset,
                             dynamic_batch=dynamic_batch, simplify=simplify, metadata=meta,
                             **export_kwargs)
@@ -458,5 +488,6 @@ def layer_parity(model: nn.Module, path: PathLike, batch) -> Dict[str, Dict[str,
     return result
 
 
-__all__ = ["QDQExportError", "concat_scales", "conv_quantization", "export_qdq",
+__all__ = ["ACT_STORAGE", "QDQExportError", "activation_storage", "concat_scales",
+           "conv_quantization", "export_qdq",
            "layer_parity", "ort_optimized_op_counts", "qdq_stats"]
