@@ -432,7 +432,7 @@ def floor_weight_scales(model: nn.Module) -> Dict[str, int]:
     integer check): a channel whose weights are all near zero (dead) but whose bias is not
     would otherwise get a code beyond int32, which ONNX Runtime's graph optimizer turns into
     INT32_MIN. Only such channels change: their weights round on a coarser grid, which moves
-    the channel's output by at most ``taps * 255 * |b| / 2^31`` (0.05 % of the bias for a
+    the channel's output by at most ``taps * 255 * |b| / 2^31`` (about 0.05 % of the bias for a
     3x3 conv over 512 channels). ONNX Runtime's own quantizer raises weight scales the same
     way (``_adjust_weight_scale_for_int32_bias``, without the accumulator margin).
     Layers without a bias or without a calibrated input grid are left alone (enabled or not).
@@ -610,5 +610,6 @@ __all__ = ["CalibrationError", "DFL_LAYERS", "FLAVOURS", "OUTPUT_LAYERS", "QUANT
            "QuantStateError", "activation_quantizers", "all_quantizers", "apply_shared_scales",
            "bias_amax_floor", "calibrate", "calibrate_weights", "capture_layer_outputs", "convert",
            "disable_layers", "enable_range_ema", "floor_weight_scales", "input_grid_quantizer",
-           "is_quantized", "layer_modules", "layer_output_errors", "plan", "quant_state", "quantize_only", "quantized_layers", "resolve_settings", "restore",
-           "set_quant_enabled", "weight_quantizers"]
+           "is_quantized", "layer_modules", "layer_output_errors", "plan", "quant_state",
+           "quantize_only", "quantized_layers", "resolve_settings", "restore", "set_quant_enabled",
+           "weight_quantizers"]
