@@ -82,3 +82,33 @@ def exported(flavour: str, hp: bool = True, skip: tuple = (), raw: bool = False)
     name = f"{flavour}_{int(hp)}_{len(skip)}_{int(raw)}.onnx"
     return export_qdq(_calibrated(flavour, hp, tuple(skip), "percentile"), _TMP / name,
                       img_size=IMG, batch=2, raw_outputs=raw)
+
+
+DEAD_LAYER = "neck.Rep_p4.block.0.rbr_reparam"
+
+
+def dead_channel_model(name: str = DEAD_LAYER, per_channel: bool = True, dead: int = 1):
+    """The tiny model with output channels ``0..dead-1`` of ``name`` dead (weights 1e-4 of their
+    size) and channel 0 with a large bias (100), converted (onnxruntime flavour) and
+    max-calibrated: without the int32 bias floor of the weight scales, that channel's bias code
+    round(b / (s_x s_w)) is far beyond the int32 range."""
+    from yolo_q.quant import calibrate, convert
+
+    model = tiny_fused()
+    conv = model.get_submodule(name)
+    with torch.no_grad():
+        for c in range(dead):  # amax 1e-4: the calibration floor
+            conv.weight[c] *= 1e-4 / conv.weight[c].abs().max()
+        conv.bias[0] = 100.0
+    q = convert(model, flavour="onnxruntime", high_precision_outputs=False,
+                per_channel_weights=per_channel)
+    calibrate(q, calib_batches(), method="max", progress=False)
+    return q
+
+
+def unfloored_(q, name: str = DEAD_LAYER):
+    """Set the weight amax of ``name`` back to max |w| per channel (calibration before the int32
+    bias floor existed; what an old checkpoint holds). Returns ``q``."""
+    layer = q.get_submodule(name)
+    layer._weight_quantizer.amax = layer.weight.detach().abs().amax(dim=(1, 2, 3))
+    return q

@@ -3,9 +3,11 @@ import math
 import pytest
 import torch
 
-from quant_testutils import calibrated, images
-from yolo_q.quant import (int32_bias_overflow, integer_check, quant_state, quantize_multiplier,
-                          quantized_layers, requantize)
+from quant_testutils import (DEAD_LAYER, calibrated, dead_channel_model, images, tiny_fused,
+                             unfloored_)
+from yolo_q.quant import (floor_weight_scales, int32_bias_overflow, integer_check, layer_modules,
+                          quant_state, quantize_multiplier, quantized_layers, requantize,
+                          set_quant_enabled)
 
 
 @pytest.mark.parametrize("m", [0.3, 1.0, 3.1e-5, 0.999999999, 7.5])
@@ -50,25 +52,10 @@ def test_integer_check_detects_a_wrong_layer():
     assert layer.bias.equal(bias)
 
 
-def _dead_channel_model(name):
-    """The tiny model with output channel 0 of ``name`` dead (weights 1e-4 of their size) and a
-    large bias, calibrated: that channel's weight scale is so small that its int32 bias code
-    round(b / (s_x s_w)) is far beyond the int32 range."""
-    from quant_testutils import calib_batches, tiny_fused
-    from yolo_q.quant import calibrate, convert
-    model = tiny_fused()
-    conv = model.get_submodule(name)
-    with torch.no_grad():
-        conv.weight[0] *= 1e-4 / conv.weight[0].abs().max()  # amax 1e-4: the calibration floor
-        conv.bias[0] = 100.0
-    q = convert(model, flavour="onnxruntime", high_precision_outputs=False)
-    calibrate(q, calib_batches(), method="max", progress=False)
-    return q
-
-
 def test_int32_bias_overflow_is_saturated_counted_and_shown():
-    name = "neck.Rep_p4.block.0.rbr_reparam"
-    q = _dead_channel_model(name)
+    """A model whose weight scales lack the int32 bias floor (e.g. an old checkpoint)."""
+    name = DEAD_LAYER
+    q = unfloored_(dead_channel_model(name))
     layer = q.get_submodule(name)
     spec = next(s for s in quant_state(q)["layers"] if s["name"] == name)
     s_x = q.get_submodule(spec["input_from"]).scale.double()
@@ -99,3 +86,97 @@ def test_int32_accumulator_wraps_like_onnxruntime():
     from yolo_q.quant.integer import _wrap_int32
     acc = torch.tensor([2 ** 31 - 1 + 10000, -2 ** 31 - 10000, 5, -2 ** 31], dtype=torch.long)
     assert _wrap_int32(acc).tolist() == [-2 ** 31 + 9999, 2 ** 31 - 10000, 5, -2 ** 31]
+
+
+def _codes_and_bound(q, name):
+    """|b| / (s_x s_w[c]) per channel of layer ``name`` (float64), and the bound it must stay
+    under: INT32_MAX minus the largest product sum (taps x input span x weight span)."""
+    layer = q.get_submodule(name)
+    spec = next(s for s in quant_state(q)["layers"] if s["name"] == name)
+    x_q = q.get_submodule(spec["input_from"])
+    s_w = layer._weight_quantizer.scale.double()
+    codes = layer.bias.detach().abs().double() / (x_q.scale.double() * s_w)
+    span = 255 if x_q.unsigned else 128
+    return codes, 2 ** 31 - 1 - layer.weight[0].numel() * span * 128
+
+
+def test_weight_scale_floor_keeps_a_dead_channels_bias_in_int32():
+    q = dead_channel_model()
+    codes, bound = _codes_and_bound(q, DEAD_LAYER)
+    # the bias code plus any product sum fits int32, and the floor raised no more than needed
+    assert codes.max() <= bound and codes[0] > 0.99 * bound
+    assert int32_bias_overflow(q) == {}
+    # only that channel's weight scale differs from the per-channel max |w|
+    for name, layer in layer_modules(q).items():
+        if getattr(layer, "_weight_quantizer", None) is None:
+            continue
+        amax, axis = layer._weight_quantizer.amax, layer._weight_quantizer.axis
+        dims = [d for d in range(4) if d != axis]  # axis 1 for transposed convs
+        wmax = layer.weight.detach().abs().amax(dim=dims).clamp(min=1e-4)
+        same = amax == wmax
+        if name == DEAD_LAYER:
+            assert amax[0] > 2 * wmax[0] and same[1:].all()
+        else:
+            assert same.all(), name
+    # the integer path now computes the bias too: every layer within one step
+    dev = integer_check(q, images(2, seed=33))
+    assert max(dev.values()) <= 1.0 + 1e-6
+    # and the fake-quant channel still carries it: within one output step of float
+    layer = q.get_submodule(DEAD_LAYER)
+    x = torch.rand(2, layer.in_channels, 8, 8)
+    with torch.no_grad():
+        y_q = layer(x)[:, 0]
+        set_quant_enabled(q, False)
+        y_f = layer(x)[:, 0]
+    assert y_f.min() > 99 and (y_q - y_f).abs().max() <= layer._output_quantizer.scale * 1.01
+    assert floor_weight_scales(q) == {}  # idempotent
+    for flavour in ("onnxruntime", "tensorrt"):  # a model without dead channels: no change
+        assert floor_weight_scales(calibrated(flavour)) == {}
+
+
+def test_weight_scale_floor_per_tensor():
+    """One weight scale per layer: the floor uses the largest bias of the layer."""
+    layer_channels = tiny_fused().get_submodule(DEAD_LAYER).out_channels
+    q = dead_channel_model(per_channel=False, dead=layer_channels)  # the whole layer is dead
+    codes, bound = _codes_and_bound(q, DEAD_LAYER)
+    assert q.get_submodule(DEAD_LAYER)._weight_quantizer.amax.dim() == 0
+    assert codes.max() <= bound and codes.max() > 0.99 * bound
+    assert int32_bias_overflow(q) == {}
+    assert max(integer_check(q, images(2, seed=35)).values()) <= 1.0 + 1e-6
+
+
+def test_floor_is_applied_to_old_checkpoints_on_load(caplog):
+    from quant_testutils import tiny_cfg
+    from yolo_q.quant import load_quantized
+    q = unfloored_(dead_channel_model())
+    assert int32_bias_overflow(q) == {DEAD_LAYER: 1}
+    with caplog.at_level("WARNING"):
+        loaded = load_quantized(tiny_cfg(), q.state_dict(), quant_state(q), "old.pt")
+    assert int32_bias_overflow(loaded) == {}
+    assert "old.pt: weight scales of 1 channel(s) raised" in caplog.text
+    assert DEAD_LAYER in caplog.text
+    # the floored weight scale is the one calibration gives
+    assert loaded.get_submodule(DEAD_LAYER)._weight_quantizer.amax.equal(
+        dead_channel_model().get_submodule(DEAD_LAYER)._weight_quantizer.amax)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_qat_hook_keeps_the_floor_for_trained_biases(freeze):
+    """QAT trains biases: a dead channel's bias may outgrow its weight scale; after each epoch
+    the hook raises the scale again, on the model and on the EMA (what checkpoints hold)."""
+    import copy
+    from types import SimpleNamespace
+    from yolo_q.quant.qat import QATHook
+    q = unfloored_(dead_channel_model())
+    ema = copy.deepcopy(q)
+    trainer = SimpleNamespace(model=q, ema=SimpleNamespace(ema=ema), checkpoint_extras={})
+    hook = QATHook(freeze_scales=freeze)
+    hook.register(trainer)  # an old checkpoint: floored at the start
+    assert int32_bias_overflow(q) == {}
+    with torch.no_grad():
+        ema.get_submodule(DEAD_LAYER).bias[0] = 1e4  # the EMA's bias has grown
+    assert int32_bias_overflow(ema) == {DEAD_LAYER: 1}
+    before = q.get_submodule(DEAD_LAYER)._weight_quantizer.amax.clone()
+    hook.after_epoch()
+    assert int32_bias_overflow(ema) == {} and int32_bias_overflow(q) == {}
+    assert q.get_submodule(DEAD_LAYER)._weight_quantizer.amax.equal(before)  # model unchanged

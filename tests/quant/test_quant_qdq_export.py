@@ -197,3 +197,33 @@ def test_ort_backend_warns_about_int8_weights_on_a_cpu_without_vnni(tmp_path, mo
         monkeypatch.setattr(qdq, "_cpu_flags", lambda: {"avx2", "avx512_vnni"})
         assert qdq.resolve_ort_weights("auto") == "int8"
         OrtBackend(paths["int8"], threads=1)
+
+
+def test_dead_channel_bias_runs_in_onnxruntime_like_torch(tmp_path):
+    """A dead channel (weights ~1e-4, bias 100): ONNX Runtime's optimizer fuses the conv into
+    QLinearConv and converts the float bias to int32 with the exported scales; without the
+    int32 bias floor of the weight scales the code overflowed to INT32_MIN and the channel
+    gave 0 instead of ~100. With it, ORT computes the layer as torch fake-quant does."""
+    from quant_testutils import DEAD_LAYER, dead_channel_model
+    from yolo_q.quant import capture_layer_outputs
+    q = dead_channel_model()
+    path = export_qdq(q, tmp_path / "dead.onnx", img_size=IMG, batch=2, raw_outputs=True)
+    convs = [s for s in quant_state(q)["layers"] if s["kind"] == "conv"]
+    assert ort_optimized_op_counts(path)["QLinearConv"] == len(convs)  # ORT quantizes the bias
+    x = images(2, seed=36)
+    with torch.no_grad(), capture_layer_outputs(q, [DEAD_LAYER]) as out:
+        q.eval()(x.float() / 255)
+    assert out[DEAD_LAYER][0][:, 0].min() > 99  # the channel carries its bias in torch
+    par = layer_parity(q, path, x)  # ORT with all optimizations (QLinearConv kernels)
+    assert par[DEAD_LAYER]["max_steps"] <= 1.0 + 1e-3
+    assert max(v["max_steps"] for v in par.values()) <= 1.0 + 1e-3
+    steps = _end_to_end_steps(q, path, x.float() / 255)  # a plain default session, end to end
+    assert np.median(steps) <= 2.0 + 1e-3
+
+
+def test_export_refuses_a_bias_beyond_int32(tmp_path):
+    from quant_testutils import DEAD_LAYER, dead_channel_model, unfloored_
+    q = unfloored_(dead_channel_model())  # weight scales without the floor (old checkpoint)
+    with pytest.raises(QDQExportError, match=f"1 channel.* of {DEAD_LAYER} is beyond int32"):
+        export_qdq(q, tmp_path / "x.onnx", img_size=IMG)
+    assert not (tmp_path / "x.onnx").exists()

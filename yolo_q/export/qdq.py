@@ -24,7 +24,11 @@ like is decided by :func:`yolo_q.quant.convert` (the *flavour* is part of the qu
   :func:`yolo_q.eval.backends.ov_precision_summary`); with int8 storage every Q/DQ folds into
   the producing convolution (conv + quantize + SiLU + quantize as one int8 kernel).
 
-Skipped layers (``quant.skip_layers``) have no Q/DQ.
+Skipped layers (``quant.skip_layers``) have no Q/DQ. Biases stay float in both flavours:
+ONNX Runtime's graph optimizer converts a fused conv's bias to int32 as
+``round(b / (s_x s_w[c]))`` (a code beyond int32 becomes INT32_MIN on x86), so a model whose
+codes leave int32 is refused (:func:`yolo_q.quant.floor_weight_scales` prevents it;
+calibration and loading apply it). TensorRT adds the float bias inside its fused INT8 conv.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ import torch.nn as nn
 from ..io import atomic_path
 from ..quant.convert import FLAVOURS, all_quantizers, is_quantized, quant_state
 from ..quant.convert import _to_input, layer_modules
+from ..quant.integer import int32_bias_overflow
 from ..quant.tensor_quantizer import TensorQuantizer
 from .onnx import export_onnx
 
@@ -75,6 +80,12 @@ def _check_model(model: nn.Module, flavour: Optional[str]) -> str:
     if bad:
         raise QDQExportError(f"{len(bad)} enabled quantizer(s) are not calibrated: "
                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    over = int32_bias_overflow(model)
+    if over:
+        raise QDQExportError(f"the int32 bias code of {sum(over.values())} channel(s) of "
+                             f"{', '.join(over)} is beyond int32 (weight scale near zero): "
+                             "integer runtimes would compute a wrong value; call "
+                             "yolo_q.quant.floor_weight_scales(model) first")
     return model_flavour
 
 

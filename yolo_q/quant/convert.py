@@ -22,7 +22,10 @@ Nothing global is patched: a deep copy of the model is returned, with
   adds a signed output quantizer, for comparison);
 * shared scales (``share_concat_scales``): groups of activation quantizers that must use one
   scale (Concat inputs/outputs, see :mod:`yolo_q.quant.graph` for the exact rule); after
-  calibration every group gets the maximum amax of its members.
+  calibration every group gets the maximum amax of its members;
+* weight scales with an int32 bias floor (:func:`floor_weight_scales`): ``s_x * s_w[c]`` is
+  never so small that the bias code ``round(b_c / (s_x s_w[c]))`` leaves int32 (dead channels
+  with a bias), so fake quantization, the integer check and every runtime compute the same.
 
 The structure is described by :func:`quant_state` (plain lists/dicts/strings, safe for
 ``torch.load(weights_only=True)``); ``convert(build_model(cfg).fuse(), state=saved_state)``
@@ -51,6 +54,8 @@ DFL_LAYERS = ("detect.proj_conv",)
 OUTPUT_LAYERS = ("detect.cls_preds.*", "detect.reg_preds.*")
 STATE_VERSION = 1
 _STATE_ATTR = "_yolo_q_quant_state"
+INT32_MAX = 2 ** 31 - 1
+BIAS_SCALE_MARGIN = 1e-4  # relative, as ONNX Runtime's quantizer (1.0001)
 
 _DEFAULTS = dict(flavour="tensorrt", num_bits=8, per_channel_weights=True, skip_dfl=True,
                  high_precision_outputs=True, preact_output=True, share_concat_scales=True,
@@ -375,8 +380,10 @@ def disable_layers(model: nn.Module, names: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def calibrate_weights(model: nn.Module) -> None:
-    """Weight amax = max |w| per output channel (per tensor when not per-channel)."""
+def calibrate_weights(model: nn.Module) -> Dict[str, int]:
+    """Weight amax = max |w| per output channel (per tensor when not per-channel), raised where
+    the int32 bias code would not fit (:func:`floor_weight_scales`; needs the activation ranges,
+    so call it after them). Returns :func:`floor_weight_scales`'s counts."""
     for q_name, q in weight_quantizers(model).items():
         layer = model.get_submodule(q_name.rsplit(".", 1)[0])
         w = layer.weight.detach().abs().float()
@@ -384,6 +391,69 @@ def calibrate_weights(model: nn.Module) -> None:
             q.amax = w.max()
         else:
             q.amax = w.amax(dim=[d for d in range(w.dim()) if d != q.axis])
+    return floor_weight_scales(model)
+
+
+def input_grid_quantizer(model: nn.Module, spec: dict) -> Optional[TensorQuantizer]:
+    """The quantizer whose grid a layer's input is on (its own input quantizer, or in the
+    onnxruntime flavour its producer's output quantizer: ``spec["input_from"]``); None when
+    the layer has none."""
+    q = model.get_submodule(spec["input_from"]) if spec.get("input_from") else None
+    return q if isinstance(q, TensorQuantizer) else None
+
+
+def _code_span(q: TensorQuantizer) -> int:
+    """Largest |code - zero point| on ``q``'s grid (128 signed, 255 unsigned at 8 bits)."""
+    return max(q.quant_max - q.zero_point, q.zero_point - q.quant_min)
+
+
+def bias_amax_floor(layer: QuantLayerMixin, x_q: TensorQuantizer) -> torch.Tensor:
+    """The smallest weight amax (per output channel; one value for a per-tensor quantizer) at
+    which the layer's int32 bias code ``round(b / (s_x s_w))`` plus the largest product sum
+    the layer can accumulate (``K`` taps x code spans of input and weight, capped at 2^30)
+    stays within int32, with a relative margin of ``BIAS_SCALE_MARGIN`` (float32 rounding of
+    the scales and of the runtime's own division). float64."""
+    wq = layer._weight_quantizer
+    taps = layer.weight.numel() // layer.out_channels  # (C_in / groups) * kh * kw
+    max_sum = min(taps * _code_span(x_q) * _code_span(wq), 2 ** 30)
+    bound = INT32_MAX - max_sum
+    s_x = x_q.scale.detach().double()
+    b = layer.bias.detach().abs().double()
+    if wq.axis is None:
+        b = b.max()
+    s_w = b * (1.0 + BIAS_SCALE_MARGIN) / (s_x * bound)
+    return s_w * wq.qmax_abs
+
+
+@torch.no_grad()
+def floor_weight_scales(model: nn.Module) -> Dict[str, int]:
+    """Raise every calibrated weight amax below :func:`bias_amax_floor` to it, so that every
+    bias fits the int32 code that integer engines give it (ONNX Runtime's QLinearConv, the
+    integer check): a channel whose weights are all near zero (dead) but whose bias is not
+    would otherwise get a code beyond int32, which ONNX Runtime's graph optimizer turns into
+    INT32_MIN. Only such channels change: their weights round on a coarser grid, which moves
+    the channel's output by at most ``taps * 255 * |b| / 2^31`` (about 0.05 % of the bias for a
+    3x3 conv over 512 channels). ONNX Runtime's own quantizer raises weight scales the same
+    way (``_adjust_weight_scale_for_int32_bias``, without the accumulator margin).
+    Layers without a bias or without a calibrated input grid are left alone (enabled or not).
+    Returns ``{layer: channels raised}``; idempotent."""
+    raised = {}
+    layers = layer_modules(model)
+    for spec in quant_state(model)["layers"]:
+        layer = layers[spec["name"]]
+        wq = getattr(layer, "_weight_quantizer", None)
+        x_q = input_grid_quantizer(model, spec)
+        if wq is None or getattr(layer, "bias", None) is None or not wq.is_calibrated or \
+                x_q is None or not x_q.is_calibrated:
+            continue
+        floor = bias_amax_floor(layer, x_q).to(wq.amax.device)
+        low = wq.amax.double() < floor
+        if low.any():
+            up = floor.float()  # rounded up to float32, so that the floor holds as stored
+            up = torch.where(up.double() < floor, torch.nextafter(up, up + 1), up)
+            wq.amax = torch.where(low, up, wq.amax)
+            raised[spec["name"]] = int(low.sum())
+    return raised
 
 
 def apply_shared_scales(model: nn.Module) -> int:
@@ -433,7 +503,8 @@ def calibrate(model: nn.Module, batches: Iterable, method: Optional[str] = None,
     loader tuples whose first item is the images; default ``quant.calib_batches``) through the
     model in float, collect activation statistics, set
     every amax (``method``: max | percentile | mse | entropy; default from the quant state),
-    weights by per-channel max, then share concat scales. Quantizers that saw no data are named
+    share concat scales, then weights by per-channel max with the int32 bias floor
+    (:func:`calibrate_weights`). Quantizers that saw no data are named
     in a :class:`CalibrationError` (``strict``) or a warning (then they are disabled).
     Returns ``{quantizer name: amax}`` for the activation quantizers."""
     from tqdm import tqdm
@@ -471,7 +542,6 @@ def calibrate(model: nn.Module, batches: Iterable, method: Optional[str] = None,
         if not q.load_calib_amax(method, strict=False, **kwargs):
             missing.append(name)
         q.reset_calib()
-    calibrate_weights(model)
     if missing:
         msg = (f"calibrate(): {len(missing)} quantizer(s) saw no data (their layers never ran "
                f"on the calibration batches): {', '.join(missing)}")
@@ -482,6 +552,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: Optional[str] = None,
             acts[name].disable()
     if state["share_concat_scales"]:
         apply_shared_scales(model)
+    calibrate_weights(model)  # after the input scales: the bias floor depends on them
     return {n: float(q.amax.max()) for n, q in acts.items() if q.is_calibrated}
 
 
@@ -537,7 +608,8 @@ def layer_output_errors(model: nn.Module, batch) -> Dict[str, Dict[str, float]]:
 
 __all__ = ["CalibrationError", "DFL_LAYERS", "FLAVOURS", "OUTPUT_LAYERS", "QUANT_MODULES",
            "QuantStateError", "activation_quantizers", "all_quantizers", "apply_shared_scales",
-           "calibrate", "calibrate_weights", "capture_layer_outputs", "convert", "disable_layers",
-           "enable_range_ema", "is_quantized", "layer_modules", "layer_output_errors", "plan",
-           "quant_state", "quantize_only", "quantized_layers", "resolve_settings", "restore",
-           "set_quant_enabled", "weight_quantizers"]
+           "bias_amax_floor", "calibrate", "calibrate_weights", "capture_layer_outputs", "convert",
+           "disable_layers", "enable_range_ema", "floor_weight_scales", "input_grid_quantizer",
+           "is_quantized", "layer_modules", "layer_output_errors", "plan", "quant_state",
+           "quantize_only", "quantized_layers", "resolve_settings", "restore", "set_quant_enabled",
+           "weight_quantizers"]

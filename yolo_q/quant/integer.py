@@ -14,7 +14,9 @@ it (``np.clip``); :func:`int32_bias_overflow` counts such channels (the PTQ and 
 them). The int32 accumulator ``sum + q_b`` *wraps* on overflow (two's complement), as
 QLinearConv's does. Both show up as deviations of the layer, never as a crash. (ONNX Runtime's
 own graph optimizer, which quantizes the float biases of our QDQ exports, casts such a code to
-INT32_MIN instead on x86.)
+INT32_MIN instead on x86.) Calibration, QAT and loading give every weight scale a floor that
+keeps ``|q_b|`` plus the largest product sum within int32
+(:func:`~yolo_q.quant.floor_weight_scales`), so neither happens to the models they make.
 
 ReLU (and no activation) stay in integers: ReLU is the clamp at ``z_y``. Other activations
 (SiLU) dequantize the int32 accumulator, apply the function in float and quantize (what engines
@@ -35,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convert import _to_input, layer_modules, quant_state
+from .convert import _to_input, input_grid_quantizer, layer_modules, quant_state
 from .modules import QuantConvTranspose2d, QuantMaxPool2d
 from .tensor_quantizer import TensorQuantizer
 
@@ -88,8 +90,8 @@ class _Grid:
 
 
 def _input_grid(model: nn.Module, spec: dict) -> TensorQuantizer:
-    q = model.get_submodule(spec["input_from"])
-    if not isinstance(q, TensorQuantizer) or not q.enabled or not q.is_calibrated:
+    q = input_grid_quantizer(model, spec)
+    if q is None or not q.enabled or not q.is_calibrated:
         raise RuntimeError(f"integer_check: input grid '{spec['input_from']}' of layer "
                            f"'{spec['name']}' is not an enabled, calibrated quantizer")
     return q

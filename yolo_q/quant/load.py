@@ -2,6 +2,7 @@
 (:func:`load_model`, re-exported as :func:`yolo_q.load_model`)."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict
 
 import torch
@@ -11,17 +12,26 @@ from ..config import config_from_dict
 from ..io import PathLike, check_official_function, load_state_into, read_checkpoint_any
 from ..models import build_model
 from ..models.loading import float_model_from_state, infer_config, weight_settings, with_settings
-from .convert import convert
+from .convert import convert, floor_weight_scales
+
+logger = logging.getLogger(__name__)
 
 
 def load_quantized(cfg, state_dict: Dict[str, torch.Tensor], quant_state: dict,
                    source: str = "quantized checkpoint") -> nn.Module:
     """Rebuild a fake-quant model: ``build_model(cfg).fuse()`` -> ``convert(state=quant_state)``
-    -> strict ``load_state_dict`` (mismatches are named). Returns the model in eval mode."""
+    -> strict ``load_state_dict`` (mismatches are named) -> the int32 bias floor of the weight
+    scales (:func:`~yolo_q.quant.floor_weight_scales`: a no-op for checkpoints written since
+    it exists; older ones with a dead channel are corrected, with a warning). Returns the
+    model in eval mode."""
     if not isinstance(quant_state, dict) or "layers" not in quant_state:
         raise ValueError(f"{source}: 'quant' entry is not a yolo_q quant state")
     model = convert(build_model(cfg).fuse(), state=quant_state)
     load_state_into(model, state_dict, source)
+    raised = floor_weight_scales(model)
+    if raised:
+        logger.warning("%s: weight scales of %d channel(s) raised so that their biases fit "
+                       "int32 (%s)", source, sum(raised.values()), ", ".join(raised))
     return model.eval()
 
 

@@ -19,7 +19,8 @@ float by partial quantization stay float). Activation scales stay at their calib
 then every activation range follows an EMA of the batch max (:func:`~yolo_q.quant.enable_range_ema`)
 and shared (concat) scales are re-tied before each optimizer step and at the end of every epoch,
 so every checkpoint exports consistently. Weight scales (per-channel max from calibration) stay
-fixed.
+fixed, except that the int32 bias floor is re-applied after every epoch for the trained biases
+(only channels whose bias would leave int32 change, see :class:`QATHook`).
 
 EMA of a fake-quant model (:class:`yolo_q.engine.ModelEMA`, ``copy_buffers=True``): weights are
 averaged, quantizer ``_amax`` buffers are COPIED from the model - averaged ranges would not be the
@@ -57,7 +58,8 @@ from ..io import (CheckpointError, check_output_dir, flush_denormal, load_checkp
                   read_checkpoint_any)
 from ..models.loading import float_model_from_state, weight_settings, with_settings
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
-                      enable_range_ema, is_quantized, quant_state, quantized_layers)
+                      enable_range_ema, floor_weight_scales, is_quantized, quant_state,
+                      quantized_layers)
 from .distill import ChannelDistillHook
 from .integer import bias_overflow_lines, int32_bias_overflow
 from .integer import integer_check as run_integer_check
@@ -204,11 +206,15 @@ def load_teacher(path, ck: Dict[str, Any], cfg, device="cpu") -> nn.Module:
 class QATHook(Hook):
     """Scale handling of a QAT run + the checkpoint entries that make checkpoints quantized.
 
-    ``freeze_scales=True``: nothing to do (amax buffers never change). ``False``: EMA range
+    ``freeze_scales=True``: activation amax buffers never change. ``False``: EMA range
     updates are enabled on the student at registration (before the EMA copy is made) and
     shared scales are re-tied before each optimizer step (so the EMA copy, made after the step,
     gets consistent ranges) and after each epoch on the model and the EMA (place this hook
-    before the eval and checkpoint hooks). ``extras`` go into ``trainer.checkpoint_extras``.
+    before the eval and checkpoint hooks). Either way, at registration and after each epoch
+    the weight scales get the int32 bias floor for the current biases and input scales
+    (:func:`~yolo_q.quant.floor_weight_scales`; biases train, so a dead channel's bias may
+    outgrow its weight scale), on the model and the EMA: every checkpoint exports to integer
+    engines as it computes. ``extras`` go into ``trainer.checkpoint_extras``.
     """
 
     def __init__(self, freeze_scales: bool = True, range_ema: float = 0.99,
@@ -223,6 +229,7 @@ class QATHook(Hook):
             raise QATError("QATHook: the trainer's model is not quantized")
         if not self.freeze_scales:
             enable_range_ema(model, self.range_ema)
+        floor_weight_scales(model)
         trainer.checkpoint_extras["quant"] = quant_state(model)
         trainer.checkpoint_extras.update(self.extras)
 
@@ -231,11 +238,12 @@ class QATHook(Hook):
             apply_shared_scales(self.trainer.model)
 
     def after_epoch(self) -> None:
-        if self.freeze_scales:
-            return
-        apply_shared_scales(self.trainer.model)
-        if self.trainer.ema is not None:
-            apply_shared_scales(self.trainer.ema.ema)
+        ema = self.trainer.ema
+        models = [self.trainer.model] + ([ema.ema] if ema is not None else [])
+        for model in models:
+            if not self.freeze_scales:
+                apply_shared_scales(model)
+            floor_weight_scales(model)
 
 
 def insert_after(hooks: List[Hook], hook: Hook, kind: type = WarmupLRHook) -> List[Hook]:
