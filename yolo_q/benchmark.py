@@ -53,6 +53,10 @@ __all__ = ["FLAGS_OF_INTEREST", "cpu_info", "round_robin", "summarize_times",
            "speed_benchmark", "format_speed_table", "format_train_table", "ov_layer_times",
            "format_ov_layer_times"]
 
+# oneDNN's instruction-set cap, honoured by OpenVINO's CPU plugin (not by ONNX Runtime's MLAS):
+# ONEDNN_MAX_CPU_ISA=AVX2 or AVX512_CORE runs OpenVINO as on a CPU without VNNI,
+# AVX512_CORE_VNNI as on one with VNNI but no AMX.
+ISA_CAP_ENV = "ONEDNN_MAX_CPU_ISA"
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                      "amx_int8", "amx_bf16")
 
@@ -89,7 +93,7 @@ def cpu_info() -> Dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"model": model, "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
             "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in load] if load else None,
-            "versions": versions}
+            "versions": versions, "isa_cap": os.environ.get(ISA_CAP_ENV) or None}
 
 
 def cpu_line(info: Optional[Dict[str, Any]] = None) -> str:
@@ -98,7 +102,9 @@ def cpu_line(info: Optional[Dict[str, Any]] = None) -> str:
     flags = " ".join(info["flags"]) or "none of " + ",".join(FLAGS_OF_INTEREST)
     load = f", load avg {info['loadavg'][0]:.2f}" if info.get("loadavg") else ""
     vers = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    return f"CPU: {info['model']} ({info['cpus']} CPUs; flags: {flags}{load}; {vers})"
+    cap = (f"; OpenVINO/oneDNN ISA capped at {info['isa_cap']} ({ISA_CAP_ENV})"
+           if info.get("isa_cap") else "")
+    return f"CPU: {info['model']} ({info['cpus']} CPUs; flags: {flags}{load}; {vers}{cap})"
 
 
 # ------------------------------------------------------------------------------ timing

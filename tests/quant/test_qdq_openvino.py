@@ -1,6 +1,11 @@
 """What OpenVINO makes of our exports: the runtime graph's precisions
 (yolo_q.eval.backends.ov_precision_summary) and the signed-activation storage
 (export_qdq(act_storage=...))."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -98,3 +103,31 @@ def test_runtime_layers_and_bad_storage(tmp_path):
     assert all(any("/Conv" in f for f in r["fused"]) for r in convs)
     assert any(any("_output_quantizer" in f for f in r["fused"]) for r in convs)
     assert ov_precision_summary(rows) == ov_precision_summary(ov_compile(path, threads=1))
+
+
+def test_isa_cap_runs_our_int8_without_vnni(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (a CPU without VNNI) still runs every conv of our QDQ export in
+    integer, on AVX2 kernels: how the benchmark measures the "no VNNI" case on a VNNI machine
+    (the env var must be set before OpenVINO loads, hence the subprocess); the benchmark's CPU
+    line names the cap."""
+    from yolo_q.benchmark import ISA_CAP_ENV, cpu_line
+
+    path = export_qdq(calibrated(**ORT), tmp_path / "q.onnx", img_size=IMG, batch=1)
+    code = ("import sys, json\nfrom yolo_q.eval.backends import ov_compile, ov_runtime_layers\n"
+            "rows = ov_runtime_layers(ov_compile(sys.argv[1], threads=1))\n"
+            "print(json.dumps([(r['precision'], r['primitive']) for r in rows "
+            "if r['type'] == 'Convolution']))")
+    out = {}
+    for cap in ("", "AVX2"):
+        env = {**os.environ, ISA_CAP_ENV: cap}
+        res = subprocess.run([sys.executable, "-c", code, str(path)], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out[cap] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["AVX2"] and len(out["AVX2"]) == len(out[""])
+    assert all(p in ("u8", "i8") for p, _ in out["AVX2"])
+    assert all("avx2" in prim.lower() and "512" not in prim for _, prim in out["AVX2"])
+    monkeypatch.setenv(ISA_CAP_ENV, "AVX2")
+    assert "ISA capped at AVX2" in cpu_line()
+    monkeypatch.delenv(ISA_CAP_ENV)
+    assert "capped" not in cpu_line()
