@@ -74,7 +74,7 @@ train: {{epochs: 1, batch_size: 8, nominal_batch: 8, device: cpu, progress_bar: 
         tensorboard: false, lr0: 0.02, warmup_epochs: 0, output_dir: {tmp}/runs/train,
         name: float}}
 eval: {{batch_size: 8}}
-quant: {{calib_batches: 1, sensitivity_images: 8, sensitivity_proxy_images: 4, qat: {{epochs: 1}}}}
+quant: {{calib: max, calib_batches: 1, sensitivity_images: 8, sensitivity_proxy_images: 4, qat: {{epochs: 1}}}}
 pipeline:
   output_dir: {tmp}/runs/pipeline
   synthetic: {{out: {tmp}/data, train: 16, val: 8, size: 64, seed: 1}}

@@ -97,7 +97,8 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
         "qat_cwd": m("qat+cwd", "torch fake-quant"),
         "ort_int8": m("qat+cwd", "ORT INT8 (onnxruntime flavour)"),
         "ort_int8_trt_flavour": m("ptq", "ORT INT8 (tensorrt flavour)"),
-        "regime": (f"INT8 {'per-channel' if q.per_channel_weights else 'per-tensor'} weights, "
+        "regime": (f"{q.calib} calibration, "
+                   f"INT8 {'per-channel' if q.per_channel_weights else 'per-tensor'} weights, "
                    f"per-tensor activations, {'float' if q.high_precision_outputs else 'INT8'} "
                    f"head outputs; partial at max_drop {cfg.pipeline.max_drop}; QAT "
                    f"{qat_epochs(cfg)} epoch(s)"),
@@ -112,7 +113,7 @@ def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool,
         f"pipeline.float_weights={v.weights}", f"pipeline.name={tag}_{v.name}"])
     res = Pipeline(cfg, verbose=verbose).run()["results"]["base"]
     p = cfg.pipeline
-    calib = str(p.calib_methods[0]) if p.calib_methods else str(cfg.quant.calib)
+    calib = str(cfg.quant.calib)
     pt_dir = Path(p.output_dir) / p.name / "per_tensor"
     per_tensor = run_ptq(copy_config(cfg), res["train"]["weights"], calib=calib,
                          per_tensor_weights=True, run_dir=pt_dir, out=pt_dir / "ptq.pt",

@@ -294,7 +294,7 @@ class Pipeline:
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
         out = self.vdir(variant) / "ptq"
-        methods = [str(m) for m in p.calib_methods] or [str(cfg.quant.calib)]
+        methods = calibrators(cfg)
         main = run_ptq(cfg, tr.weights, calib=methods[0], sensitivity=bool(p.sensitivity),
                        sensitivity_mode=str(p.sensitivity_mode), skip_top=p.skip_top,
                        max_drop=None if p.skip_top is not None else p.max_drop,
@@ -518,6 +518,15 @@ def _walk_paths(obj) -> List[Path]:
             (".pt", ".onnx", ".csv", ".json", ".png", ".md", ".npz")):
         out.append(Path(obj))
     return out
+
+
+def calibrators(cfg) -> List[str]:
+    """The calibrators the PTQ stage runs, main first: ``quant.calib`` (the PTQ that sensitivity,
+    partial quantization, QAT and export build on), then the others of
+    ``pipeline.calib_methods`` (mAP rows for comparison)."""
+    main = str(cfg.quant.calib)
+    return [main] + [m for m in dict.fromkeys(str(m) for m in cfg.pipeline.calib_methods)
+                     if m != main]
 
 
 def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:

@@ -153,3 +153,19 @@ def test_pipeline_errors(repo_root, tmp_path):
 def test_pipeline_configs_load(repo_root, name):
     cfg = load_config(repo_root / "configs" / f"{name}.yaml")
     assert cfg.pipeline.name and cfg.data.dataset
+
+
+@pytest.mark.parametrize("calib, methods, expected", [
+    ("max", ["percentile"], ["max", "percentile"]),          # quant.calib is never ignored
+    ("percentile", ["percentile", "max", "mse"], ["percentile", "max", "mse"]),
+    ("mse", ["max", "mse", "max"], ["mse", "max"]),          # main first, duplicates once
+    ("entropy", [], ["entropy"]),
+])
+def test_ptq_stage_calibrators_main_first(repo_root, calib, methods, expected):
+    """The pipeline's main PTQ (what sensitivity, partial, QAT and export build on) uses
+    quant.calib; pipeline.calib_methods only adds comparison rows (it used to take
+    calib_methods[0] and silently ignore quant.calib)."""
+    from yolo_q.pipeline import calibrators
+    cfg = load_config(repo_root / "configs" / "demo.yaml",
+                      [f"quant.calib={calib}", f"pipeline.calib_methods=[{','.join(methods)}]"])
+    assert calibrators(cfg) == expected

@@ -242,6 +242,7 @@ class PipelineConfig:
     name: str = "demo"
     output_dir: str = "runs/pipeline"
     synthetic: Optional[SyntheticConfig] = None  # generate data.dataset with these settings
+    # calibrators compared at the PTQ stage besides quant.calib (the main one, always run first)
     calib_methods: List[str] = field(default_factory=lambda: ["percentile"])
     sensitivity: bool = True
     sensitivity_mode: str = "proxy"  # proxy | exact | both
