@@ -69,8 +69,11 @@ def test_gpu_check_bad_input_is_one_line_before_any_work(tmp_path, monkeypatch, 
     images.mkdir()
     empty.mkdir()
     (images / "a.jpg").write_bytes(b"listed, not read")
+    data = tmp_path / "data.yaml"  # a valid data YAML: the default (coco128) needs the shared data
+    data.write_text(f"path: {tmp_path}\ntrain: imgs\nval: imgs\nnc: 1\nnames: [a]\n")
     args = {"weights": ["--weights-s", str(corrupt)], "data": ["--data", str(tmp_path / "no.yaml")],
-            "images": []}[bad] + ["--images", str(empty if bad == "images" else images)]
+            "images": ["--data", str(data)]}[bad]
+    args += ["--images", str(empty if bad == "images" else images)]
     work = tmp_path / "work"
     assert run_tool(gpu_check.main, [*args, "--work-dir", str(work)]) == 2
     err = capsys.readouterr().err
