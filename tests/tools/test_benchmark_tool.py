@@ -141,3 +141,13 @@ def test_speed_extra_onnx_and_map(repo_root, tmp_path):
         assert "map50_95" in rows["ov_extra_copy"]
     else:
         assert "ov_extra_copy" in res["skipped"]
+
+
+def test_cpu_line_names_an_isa_cap():
+    """A run with OpenVINO's kernels capped (ONEDNN_MAX_CPU_ISA, how a VNNI machine measures
+    the no-VNNI / no-AMX classes in benchmarks/cpu_int8.md) says so in its CPU line."""
+    from yolo_q.benchmark import ISA_CAP_ENV, cpu_line
+    info = {"model": "X", "cpus": 2, "flags": ["avx2"], "loadavg": [0.5], "versions": {}}
+    assert "capped" not in cpu_line({**info, "isa_cap": None})
+    assert "ISA capped at AVX2" in cpu_line({**info, "isa_cap": "AVX2"})
+    assert ISA_CAP_ENV == "ONEDNN_MAX_CPU_ISA"  # the variable oneDNN (OpenVINO's CPU plugin) reads
