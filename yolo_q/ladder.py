@@ -98,7 +98,8 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
         "ort_int8": m("qat+cwd", "ORT INT8 (onnxruntime flavour)"),
         "ort_int8_trt_flavour": m("ptq", "ORT INT8 (tensorrt flavour)"),
         "regime": (f"{q.calib} calibration, "
-                   f"INT8 {'per-channel' if q.per_channel_weights else 'per-tensor'} weights, "
+                   f"INT8 {'per-channel' if q.per_channel_weights else 'per-tensor'} weights"
+                   f"{' (mse ranges)' if q.weight_calib == 'mse' else ''}, "
                    f"per-tensor activations, {'float' if q.high_precision_outputs else 'INT8'} "
                    f"head outputs; partial at max_drop {cfg.pipeline.max_drop}; QAT "
                    f"{qat_epochs(cfg)} epoch(s)"),

@@ -7,10 +7,10 @@ from yolo_q.io import load_checkpoint, save_checkpoint
 from yolo_q.models import build_model
 from yolo_q.quant import (CalibrationError, QuantConv2d, QuantConvTranspose2d, QuantMaxPool2d,
                           QuantStateError, TensorQuantizer, all_quantizers, calibrate,
-                          capture_layer_outputs, convert, disable_layers, enable_range_ema,
+                          calibrate_weights, capture_layer_outputs, convert, disable_layers, enable_range_ema,
                           layer_output_errors, quant_state,
                           quantize_only, quantized_layers, resolve_settings, restore,
-                          set_quant_enabled)
+                          set_quant_enabled, weight_quantizers)
 
 PREDS = [f"detect.{k}_preds.{i}" for k in ("cls", "reg") for i in range(3)]
 
@@ -203,6 +203,36 @@ def test_calibrate_sets_ranges_and_modes():
         yq, yf = q(x), fused(x)
     err = (yq - yf).abs()[..., 5:]  # class scores
     assert 0 < err.mean() < 0.05  # quantized, and close to float
+
+
+def _weight_sq_error(model):
+    out = {}
+    for n, wq in weight_quantizers(model).items():
+        w = model.get_submodule(n.rsplit(".", 1)[0]).weight.detach()
+        out[n] = float((wq.fake_quant(w) - w).pow(2).sum())
+    return out
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_calib_mse_clips_only_where_it_lowers_the_error(per_channel):
+    q = convert(tiny_fused(), flavour="tensorrt", per_channel_weights=per_channel,
+                weight_calib="mse")
+    assert quant_state(q)["weight_calib"] == "mse"
+    calibrate(q, calib_batches(), method="max", progress=False)  # weights: the state's mse
+    mse_amax = {n: t.amax.clone() for n, t in weight_quantizers(q).items()}
+    mse_err = _weight_sq_error(q)
+    calibrate_weights(q, "max")
+    max_err = _weight_sq_error(q)
+    clipped = 0
+    for n, t in weight_quantizers(q).items():
+        assert (mse_amax[n] <= t.amax + 1e-6).all()  # never above max |w| (nor the bias floor)
+        clipped += int((mse_amax[n] < t.amax - 1e-6).sum())
+    assert clipped > 0
+    for n in mse_err:  # per layer: the search includes the full range, so never worse
+        assert mse_err[n] <= max_err[n] * (1 + 1e-6)
+    assert sum(mse_err.values()) < sum(max_err.values())
+    with pytest.raises(ValueError, match="weight_calib"):
+        convert(tiny_fused(), weight_calib="minmax")
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path):

@@ -177,6 +177,9 @@ class QuantConfig:
     calib_batch_size: int = 8
     num_histogram_bins: int = 2048
     per_channel_weights: bool = True
+    # weight ranges: max (max |w| per channel / tensor) | mse (the clip of max |w| with the least
+    # squared rounding + clipping error, searched per channel; helps most with per-tensor weights)
+    weight_calib: str = "max"
     skip_dfl: bool = True
     high_precision_outputs: bool = True
     # onnxruntime flavour: a conv whose activation ONNX Runtime cannot fuse into QLinearConv
@@ -296,6 +299,7 @@ CHOICES = {
     "train.loss.iou_type": ("giou", "ciou", "siou"),
     "train.loss.assigner": ("tal", "atss"),
     "quant.calib": ("max", "percentile", "mse", "entropy"),
+    "quant.weight_calib": ("max", "mse"),
     "export.flavour": ("float", "tensorrt", "onnxruntime"),
     "export.ort_weights": ("auto", "int8", "uint8"),
     "export.act_storage": ("uint8", "int8"),

@@ -47,7 +47,7 @@ import torch.nn as nn
 from .graph import NONNEG_ACTS, ModelGraph
 from .modules import (QUANT_MODULES, QuantConv2d, QuantConvTranspose2d, QuantLayerMixin,
                       QuantMaxPool2d, weight_axis)
-from .tensor_quantizer import TensorQuantizer
+from .tensor_quantizer import AMAX_EPS, TensorQuantizer
 
 FLAVOURS = ("tensorrt", "onnxruntime")
 DFL_LAYERS = ("detect.proj_conv",)
@@ -57,7 +57,9 @@ _STATE_ATTR = "_yolo_q_quant_state"
 INT32_MAX = 2 ** 31 - 1
 BIAS_SCALE_MARGIN = 1e-4  # relative, as ONNX Runtime's quantizer (1.0001)
 
-_DEFAULTS = dict(flavour="tensorrt", num_bits=8, per_channel_weights=True, skip_dfl=True,
+WEIGHT_CALIB = ("max", "mse")
+_DEFAULTS = dict(flavour="tensorrt", num_bits=8, per_channel_weights=True, weight_calib="max",
+                 skip_dfl=True,
                  high_precision_outputs=True, preact_output=True, share_concat_scales=True,
                  skip_layers=[],
                  calib="percentile", percentile=99.99, num_histogram_bins=2048,
@@ -98,6 +100,9 @@ def resolve_settings(cfg=None, **overrides) -> dict:
     out.update({k: v for k, v in overrides.items() if v is not None})
     if out["flavour"] not in FLAVOURS:
         raise ValueError(f"quant.flavour: '{out['flavour']}' is not one of {FLAVOURS}")
+    if out["weight_calib"] not in WEIGHT_CALIB:
+        raise ValueError(f"quant.weight_calib: '{out['weight_calib']}' is not one of "
+                         f"{WEIGHT_CALIB}")
     out["skip_layers"] = [str(s) for s in out["skip_layers"]]
     return out
 
@@ -172,6 +177,7 @@ def plan(model: nn.Module, settings: dict) -> dict:
         shared = _shared_groups(g, quant, specs)
     return dict(version=STATE_VERSION, flavour=flavour, num_bits=int(settings["num_bits"]),
                 per_channel_weights=bool(settings["per_channel_weights"]),
+                weight_calib=str(settings["weight_calib"]),
                 high_precision_outputs=bool(hp),
                 preact_output=bool(settings["preact_output"] and flavour == "onnxruntime"),
                 share_concat_scales=bool(settings["share_concat_scales"]),
@@ -380,18 +386,52 @@ def disable_layers(model: nn.Module, names: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def calibrate_weights(model: nn.Module) -> Dict[str, int]:
-    """Weight amax = max |w| per output channel (per tensor when not per-channel), raised where
-    the int32 bias code would not fit (:func:`floor_weight_scales`; needs the activation ranges,
-    so call it after them). Returns :func:`floor_weight_scales`'s counts."""
+def calibrate_weights(model: nn.Module, method: Optional[str] = None) -> Dict[str, int]:
+    """Weight amax per output channel (per tensor when not per-channel), raised where the int32
+    bias code would not fit (:func:`floor_weight_scales`; needs the activation ranges, so call
+    it after them). ``method`` (default: the quant state's ``weight_calib``): ``max`` = max |w|;
+    ``mse`` = the clip ``a * max |w|`` (``a`` in :data:`MSE_WEIGHT_CLIPS`) with the least
+    squared error of the fake-quantized weights (:func:`mse_weight_amax`). Returns
+    :func:`floor_weight_scales`'s counts."""
+    method = method or quant_state(model).get("weight_calib", "max")
+    if method not in WEIGHT_CALIB:
+        raise ValueError(f"weight calibration '{method}' is not one of {WEIGHT_CALIB}")
     for q_name, q in weight_quantizers(model).items():
-        layer = model.get_submodule(q_name.rsplit(".", 1)[0])
-        w = layer.weight.detach().abs().float()
-        if q.axis is None:
-            q.amax = w.max()
-        else:
-            q.amax = w.amax(dim=[d for d in range(w.dim()) if d != q.axis])
+        w = model.get_submodule(q_name.rsplit(".", 1)[0]).weight.detach().float()
+        q.amax = _abs_max(w, q.axis) if method == "max" else mse_weight_amax(q, w)
     return floor_weight_scales(model)
+
+
+MSE_WEIGHT_CLIPS = torch.linspace(0.3, 1.0, 71)  # fractions of max |w| searched by weight mse
+
+
+def _abs_max(w: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    if axis is None:
+        return w.abs().max()
+    return w.abs().amax(dim=[d for d in range(w.dim()) if d != axis])
+
+
+@torch.no_grad()
+def mse_weight_amax(q: TensorQuantizer, w: torch.Tensor) -> torch.Tensor:
+    """Per channel of ``q`` (or per tensor): the amax ``a * max |w|`` over
+    :data:`MSE_WEIGHT_CLIPS` whose fake-quantization of ``w`` on ``q``'s grid has the least
+    summed squared error (rounding + clipping; ties keep the larger clip). Leaves ``q.amax``
+    at the result."""
+    full = _abs_max(w, q.axis).clamp(min=AMAX_EPS)
+    dims = [d for d in range(w.dim()) if d != q.axis] if q.axis is not None else None
+    best, best_err = full.clone(), None
+    for a in MSE_WEIGHT_CLIPS.flip(0).tolist():  # from the full range down
+        q.amax = full * a
+        d2 = (q.fake_quant(w) - w).pow(2)
+        err = d2.sum(dim=dims) if dims is not None else d2.sum()
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = torch.where(better, full * a, best)
+        best_err = torch.where(better, err, best_err)
+    q.amax = best
+    return best
 
 
 def input_grid_quantizer(model: nn.Module, spec: dict) -> Optional[TensorQuantizer]:
@@ -503,8 +543,8 @@ def calibrate(model: nn.Module, batches: Iterable, method: Optional[str] = None,
     loader tuples whose first item is the images; default ``quant.calib_batches``) through the
     model in float, collect activation statistics, set
     every amax (``method``: max | percentile | mse | entropy; default from the quant state),
-    share concat scales, then weights by per-channel max with the int32 bias floor
-    (:func:`calibrate_weights`). Quantizers that saw no data are named
+    share concat scales, then weights (``weight_calib`` of the quant state) with the int32 bias
+    floor (:func:`calibrate_weights`). Quantizers that saw no data are named
     in a :class:`CalibrationError` (``strict``) or a warning (then they are disabled).
     Returns ``{quantizer name: amax}`` for the activation quantizers."""
     from tqdm import tqdm
@@ -610,6 +650,7 @@ __all__ = ["CalibrationError", "DFL_LAYERS", "FLAVOURS", "OUTPUT_LAYERS", "QUANT
            "QuantStateError", "activation_quantizers", "all_quantizers", "apply_shared_scales",
            "bias_amax_floor", "calibrate", "calibrate_weights", "capture_layer_outputs", "convert",
            "disable_layers", "enable_range_ema", "floor_weight_scales", "input_grid_quantizer",
-           "is_quantized", "layer_modules", "layer_output_errors", "plan", "quant_state",
+           "is_quantized", "layer_modules", "layer_output_errors", "mse_weight_amax", "plan",
+           "quant_state",
            "quantize_only", "quantized_layers", "resolve_settings", "restore", "set_quant_enabled",
            "weight_quantizers"]
