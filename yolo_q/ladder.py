@@ -124,9 +124,10 @@ def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool,
     return entry
 
 
-def _kept_variants(out, names) -> Dict[str, Any]:
-    """The variants of an existing ladder JSON ``out`` that this run does not redo (a ladder
-    built over several sittings keeps its earlier variants)."""
+def _kept(out, names) -> Dict[str, Any]:
+    """What an existing ladder JSON ``out`` keeps from earlier sittings: ``{"variants": the
+    variants this run does not redo, "eval_command": its eval command}`` (both only when some
+    variant is kept: the eval command names the ladder's first variant)."""
     p = Path(out)
     if not p.is_file():
         return {}
@@ -136,13 +137,20 @@ def _kept_variants(out, names) -> Dict[str, Any]:
         old = None
     if not isinstance(old, dict) or not isinstance(old.get("variants", {}), dict):
         raise ValueError(f"ladder: {out} exists and is not a ladder JSON; move it away first")
-    return {k: e for k, e in (old.get("variants") or {}).items() if k not in names}
+    variants = {k: e for k, e in (old.get("variants") or {}).items() if k not in names}
+    if not variants:
+        return {}
+    kept = {"variants": variants}
+    if isinstance(old.get("eval_command"), str):
+        kept["eval_command"] = old["eval_command"]
+    return kept
 
 
 def run_ladder(variants: Sequence[LadderVariant], out: str, overrides: Sequence[str] = (),
                data_cmd: Optional[str] = None, verbose: bool = True) -> Dict[str, Any]:
     """Run the ladder of every variant and write ``out`` (see the module docstring). The
-    ``eval_command`` evaluates the first variant's checkpoint with its config."""
+    ``eval_command`` evaluates the first variant's checkpoint with its config (the earlier
+    sitting's, when ``out`` keeps variants of one)."""
     if not variants:
         raise ValueError("ladder: no variants given")
     for v in variants:
@@ -152,11 +160,13 @@ def run_ladder(variants: Sequence[LadderVariant], out: str, overrides: Sequence[
     first = variants[0]
     cfg0 = resolve_config(first.config, overrides)
     ov = " ".join(shlex.quote(o) for o in overrides)
+    kept = _kept(out, {v.name for v in variants})
     result: Dict[str, Any] = {
         "data_command": data_cmd or data_command(cfg0),
-        "eval_command": (f"python tools/eval.py --config {first.config} --weights "
-                         f"{first.weights}" + (f" {ov}" if ov else "")),
-        "variants": _kept_variants(out, {v.name for v in variants})}
+        "eval_command": kept.get("eval_command") or (
+            f"python tools/eval.py --config {first.config} --weights {first.weights}"
+            + (f" {ov}" if ov else "")),
+        "variants": kept.get("variants", {})}
     for v in variants:
         result["variants"][v.name] = _run_variant(v, overrides, verbose, Path(out).stem)
         write_json(out, result)  # after every variant: a partial ladder is kept

@@ -78,11 +78,18 @@ def test_ladder_keeps_variants_it_does_not_redo(repo_root, tmp_path, monkeypatch
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"x")
     out = tmp_path / "ladder_harsh.json"
-    out.write_text(json.dumps({"variants": {"repvgg": {"old": 1}, "repopt": {"old": 2}}}))
+    old_eval = "python tools/eval.py --config repvgg.yaml --weights repvgg.pt"
+    out.write_text(json.dumps({"eval_command": old_eval,
+                               "variants": {"repvgg": {"old": 1}, "repopt": {"old": 2}}}))
     res = lad.run_ladder([lad.LadderVariant("repopt", cfg, str(weights))], str(out))
     assert res["variants"] == {"repvgg": {"old": 1}, "repopt": {"new": 1}}
     assert json.loads(out.read_text())["variants"] == res["variants"]
     assert seen == ["ladder_harsh_repopt"]
+    assert res["eval_command"] == old_eval  # still the ladder's first variant (repvgg)
+    # nothing kept: the eval command is this run's first variant's
+    res = lad.run_ladder([lad.LadderVariant("repvgg", cfg, str(weights)),
+                          lad.LadderVariant("repopt", cfg, str(weights))], str(out))
+    assert res["eval_command"] == f"python tools/eval.py --config {cfg} --weights {weights}"
     out.write_text("[1, 2]")
     with pytest.raises(ValueError, match="is not a ladder JSON"):
         lad.run_ladder([lad.LadderVariant("repopt", cfg, str(weights))], str(out))
