@@ -37,7 +37,7 @@ from .pipeline import Pipeline
 from .quant.ptq import run_ptq
 from .quant.qat import qat_epochs
 
-__all__ = ["LadderVariant", "data_command", "ladder_entry", "run_ladder"]
+__all__ = ["LadderVariant", "data_command", "ladder_entry", "reevaluate_ladder", "run_ladder"]
 
 # the ladder's pipeline settings that the variant config cannot turn off
 FORCED = ["pipeline.variants=[base]", "pipeline.qat=true", "pipeline.qat_distill=true",
@@ -102,7 +102,8 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
                    f"{' (mse ranges)' if q.weight_calib == 'mse' else ''}, "
                    f"per-tensor activations, {'float' if q.high_precision_outputs else 'INT8'} "
                    f"head outputs; partial at max_drop {cfg.pipeline.max_drop}; QAT "
-                   f"{qat_epochs(cfg)} epoch(s)"),
+                   f"{qat_epochs(cfg)} epoch(s)"
+                   f"{', mosaic off' if cfg.quant.qat.close_mosaic else ' with mosaic'}"),
         "val_images": int(rows[("float", "torch FP32")].get("images") or 0)
         if ("float", "torch FP32") in rows else None,
     }
@@ -171,6 +172,56 @@ def run_ladder(variants: Sequence[LadderVariant], out: str, overrides: Sequence[
         result["variants"][v.name] = _run_variant(v, overrides, verbose, Path(out).stem)
         write_json(out, result)  # after every variant: a partial ladder is kept
     return result
+
+
+# ------------------------------------------------------------------ re-evaluation on more images
+REEVAL_RUNTIMES = ("torch FP32", "torch fake-quant", "ORT INT8 (onnxruntime flavour)",
+                   "ORT INT8 (tensorrt flavour)")
+
+
+def reevaluate_ladder(ladder_json, val_yaml, output_dir: str = "runs/pipeline",
+                      native_conv: bool = True) -> Dict[str, Any]:
+    """Evaluate the models a ladder already made (its pipelines' torch and ONNX Runtime rows,
+    ``<output_dir>/<json stem>_<variant>/pipeline.json``) again on the val split of
+    ``val_yaml`` - more images than the ladder's, to see which differences are real.
+    ``native_conv``: every torch row also with PyTorch's own convolution instead of oneDNN
+    (another float summation order: how much an INT8 model's mAP moves with the float
+    arithmetic alone). Returns ``{variant: [{stage, runtime, source, ladder (mAP on the
+    ladder's images), map50_95, native_conv?}, ...]}`` (mAP in %)."""
+    import torch
+
+    from .data import build_datasets_from_config
+    from .eval.backends import OrtBackend, TorchBackend
+    from .eval.runner import make_evaluate_fn
+    from .quant import load_model
+
+    ladder = read_json(ladder_json)
+    out: Dict[str, Any] = {}
+    for name, entry in (ladder.get("variants") or {}).items():
+        pipe = Path(output_dir) / f"{Path(ladder_json).stem}_{name}" / "pipeline.json"
+        if not pipe.is_file():
+            raise FileNotFoundError(f"{ladder_json}: variant '{name}': {pipe} not found (the "
+                                    f"ladder's pipeline directory)")
+        cfg = resolve_config(entry["config"], [f"data.dataset={val_yaml}"])
+        _, val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
+        rows = []
+        for r in read_json(pipe)["eval"]["result"]["rows"]:
+            if r.get("skipped") or r["runtime"] not in REEVAL_RUNTIMES:
+                continue
+            ort = r["runtime"].startswith("ORT")
+            ev = make_evaluate_fn(cfg, val_ds, backend=OrtBackend if ort else TorchBackend)
+            src = r["source"] if ort else load_model(r["source"]).eval()
+            row = {"stage": r["stage"], "runtime": r["runtime"], "source": r["source"],
+                   "ladder": _pct(r["map50_95"]), "map50_95": _pct(ev(src)["map50_95"])}
+            if native_conv and not ort:
+                torch.backends.mkldnn.enabled = False
+                try:
+                    row["native_conv"] = _pct(ev(src)["map50_95"])
+                finally:
+                    torch.backends.mkldnn.enabled = True
+            rows.append(row)
+        out[name] = rows
+    return out
 
 
 def parse_variant(spec: str) -> LadderVariant:

@@ -56,6 +56,16 @@ def test_recipe_config():
     assert cfg.train.epochs == 300 and cfg.train.lr0 == 0.01  # the input is not modified
     assert qat_train_config(cfg_for("train.epochs=3")).train.epochs == 1  # at least one
     assert qat_train_config(cfg_for("quant.qat.epochs=7")).train.epochs == 7
+    # augmentation: the float recipe's last epochs (mosaic/mixup off) unless asked otherwise
+    mixed = cfg_for("data.augment.mosaic=1.0", "data.augment.mixup=0.2")
+    assert (qat_train_config(mixed).data.augment.mosaic, qat_train_config(mixed).data.augment.mixup) == (0, 0)
+    kept = qat_train_config(cfg_for("data.augment.mosaic=1.0", "data.augment.mixup=0.2",
+                                    "quant.qat.close_mosaic=false")).data.augment
+    assert (kept.mosaic, kept.mixup) == (1.0, 0.2) and mixed.data.augment.mosaic == 1.0
+    from yolo_q.config import config_from_dict  # a config stored before the key: mosaic kept
+    old = OmegaConf.to_container(mixed, resolve=True)
+    del old["quant"]["qat"]["close_mosaic"]
+    assert qat_train_config(config_from_dict(old)).data.augment.mosaic == 1.0
     # LR: 1% of lr0 at the start, half a cosine period down to 1% of that, no warm-up
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([dict(params=[p], initial_lr=q.train.lr0, name="weight")], lr=1.0)

@@ -55,6 +55,31 @@ def test_ladder_end_to_end(repo_root, tmp_path):
     m = json.loads((tmp_path / "m.json").read_text())
     assert 100 * m["map50_95"] == pytest.approx(e["float"], abs=0.01)
 
+    # the ladder's models scored again on another val set (benchmarks/reference/reeval.py)
+    generate(tmp_path / "more", n_train=2, n_val=12, size=64, seed=1, workers=1)
+    r = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "reference" / "reeval.py"),
+                        "--val-data", str(tmp_path / "more" / "synthetic.yaml"),
+                        "--ladder", str(out), "--out", str(tmp_path / "re.json"),
+                        "--output-dir", str(tmp_path / "runs" / "pipeline")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "re.json").read_text())["ladders"]["ladder"]["repvgg"]
+    by = {(x["stage"], x["runtime"]): x for x in rows}
+    assert by[("float", "torch FP32")]["ladder"] == e["float"]
+    assert by[("qat+cwd", "ORT INT8 (onnxruntime flavour)")]["ladder"] == e["ort_int8"]
+    assert all(0 <= x["map50_95"] <= 100 for x in rows)
+    torch_rows = [x for x in rows if x["runtime"].startswith("torch")]
+    assert torch_rows and all("native_conv" in x for x in torch_rows)
+    assert not any("native_conv" in x for x in rows if x["runtime"].startswith("ORT"))
+    # the float model (no rounding to amplify float differences) scores alike with both convs
+    fl = by[("float", "torch FP32")]
+    assert fl["native_conv"] == pytest.approx(fl["map50_95"], abs=0.05)
+    bad = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "reference" / "reeval.py"),
+                          "--val-data", str(tmp_path / "nope.yaml"), "--ladder", str(out),
+                          "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "nope.yaml does not exist" in bad.stderr
+
 
 def test_ladder_bad_variant(repo_root, tmp_path):
     with pytest.raises(ValueError, match="name=config.yaml:weights.pt"):

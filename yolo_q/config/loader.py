@@ -226,14 +226,27 @@ def save_config(cfg: DictConfig, path: PathLike) -> Path:
 
 def with_legacy_defaults(data: dict) -> dict:
     """A stored config dict with :data:`LEGACY_DEFAULTS` filled in where its section exists but
-    lacks the key: a config written before the key existed meant the value of that time."""
+    lacks the key: a config written before the key existed meant the value of that time.
+    Sections may be nested (``quant.qat``); the input is not modified."""
     data = dict(data)
     for key, value in LEGACY_DEFAULTS.items():
-        section, _, leaf = key.rpartition(".")
-        node = data.get(section)
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and leaf not in node:
-            data[section] = {**node, leaf: value}
+            _set_path(data, path, {**node, leaf: value})
     return data
+
+
+def _set_path(data: dict, path, value) -> None:
+    """``data[path[0]]...[path[-1]] = value``, copying each dict on the way (no input is
+    modified)."""
+    node = data
+    for part in path[:-1]:
+        node[part] = dict(node[part])
+        node = node[part]
+    node[path[-1]] = value
 
 
 def config_from_dict(data: dict) -> DictConfig:

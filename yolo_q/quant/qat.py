@@ -9,6 +9,9 @@ to a copy of the float config:
   over the QAT epochs (half a period), no warm-up, EMA on (``quant.qat.ema``) with its buffers
   copied (``train.ema_buffers=copy``, see below);
 * RepOptimizer runs become plain SGD (the student is fused: the RepOpt masks no longer apply);
+* ``quant.qat.close_mosaic`` (default): mosaic and mixup off, the augmentation the float recipe
+  ends with (its last ``close_mosaic_epochs``); QAT epochs with mosaic pull the model back
+  from what those epochs gave it;
 * outputs under ``quant.qat.output_dir/train.name`` (``runs/qat/<name>``), same files as float
   training (``config.yaml``, ``weights/{last,best}.pt``, ``tensorboard/``, ``results.json``).
 
@@ -100,6 +103,9 @@ def qat_train_config(cfg) -> DictConfig:
     t.output_dir = str(q.output_dir)
     if t.optimizer == "repopt":
         t.optimizer = "sgd"
+    if q.close_mosaic:  # the augmentation the float recipe ends with
+        out.data.augment.mosaic = 0.0
+        out.data.augment.mixup = 0.0
     return out
 
 
@@ -426,9 +432,10 @@ def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[st
 
 def _log_start(run_dir, qcfg, cfg, state) -> None:
     t, distill, qat = qcfg.train, cfg.quant.distill, cfg.quant.qat
-    logger.info("QAT run directory: %s (%d epochs, lr0 %.3g -> x%.3g, scales %s, "
+    logger.info("QAT run directory: %s (%d epochs, lr0 %.3g -> x%.3g, mosaic %s, scales %s, "
                 "distillation %s, %d quantized layers, %d float)", run_dir, t.epochs,
-                t.lr0, t.lrf, "frozen" if qat.freeze_scales else "EMA",
+                t.lr0, t.lrf, "on" if qcfg.data.augment.mosaic > 0 else "off",
+                "frozen" if qat.freeze_scales else "EMA",
                 "on" if distill.enabled else "off", len(state["layers"]), len(state["skip"]))
 
 
