@@ -30,10 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
 from .config import copy_config, resolve_config
+from .data import build_datasets_from_config
 from .engine.hooks import read_results_csv
+from .eval.backends import OrtBackend, TorchBackend
+from .eval.runner import make_evaluate_fn
 from .io import read_checkpoint_any, read_json, write_json
 from .pipeline import Pipeline
+from .quant import load_model
 from .quant.ptq import run_ptq
 from .quant.qat import qat_epochs
 
@@ -188,13 +194,6 @@ def reevaluate_ladder(ladder_json, val_yaml, output_dir: str = "runs/pipeline",
     (another float summation order: how much an INT8 model's mAP moves with the float
     arithmetic alone). Returns ``{variant: [{stage, runtime, source, ladder (mAP on the
     ladder's images), map50_95, native_conv?}, ...]}`` (mAP in %)."""
-    import torch
-
-    from .data import build_datasets_from_config
-    from .eval.backends import OrtBackend, TorchBackend
-    from .eval.runner import make_evaluate_fn
-    from .quant import load_model
-
     ladder = read_json(ladder_json)
     out: Dict[str, Any] = {}
     for name, entry in (ladder.get("variants") or {}).items():
