@@ -203,12 +203,14 @@ def reevaluate_ladder(ladder_json, val_yaml, output_dir: str = "runs/pipeline",
                                     f"ladder's pipeline directory)")
         cfg = resolve_config(entry["config"], [f"data.dataset={val_yaml}"])
         _, val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
+        evaluate = {b: make_evaluate_fn(cfg, val_ds, backend=b)
+                    for b in (OrtBackend, TorchBackend)}
         rows = []
         for r in read_json(pipe)["eval"]["result"]["rows"]:
             if r.get("skipped") or r["runtime"] not in REEVAL_RUNTIMES:
                 continue
             ort = r["runtime"].startswith("ORT")
-            ev = make_evaluate_fn(cfg, val_ds, backend=OrtBackend if ort else TorchBackend)
+            ev = evaluate[OrtBackend if ort else TorchBackend]
             src = r["source"] if ort else load_model(r["source"]).eval()
             row = {"stage": r["stage"], "runtime": r["runtime"], "source": r["source"],
                    "ladder": _pct(r["map50_95"]), "map50_95": _pct(ev(src)["map50_95"])}

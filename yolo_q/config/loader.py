@@ -227,26 +227,20 @@ def save_config(cfg: DictConfig, path: PathLike) -> Path:
 def with_legacy_defaults(data: dict) -> dict:
     """A stored config dict with :data:`LEGACY_DEFAULTS` filled in where its section exists but
     lacks the key: a config written before the key existed meant the value of that time.
-    Sections may be nested (``quant.qat``); the input is not modified."""
+    Sections may be nested (``quant.qat``); the input is not modified (sections on the way are
+    copied)."""
     data = dict(data)
     for key, value in LEGACY_DEFAULTS.items():
         *path, leaf = key.split(".")
         node = data
         for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf not in node:
-            _set_path(data, path, {**node, leaf: value})
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = dict(node[part])
+            node = node[part]
+        else:
+            node.setdefault(leaf, value)
     return data
-
-
-def _set_path(data: dict, path, value) -> None:
-    """``data[path[0]]...[path[-1]] = value``, copying each dict on the way (no input is
-    modified)."""
-    node = data
-    for part in path[:-1]:
-        node[part] = dict(node[part])
-        node = node[part]
-    node[path[-1]] = value
 
 
 def config_from_dict(data: dict) -> DictConfig:

@@ -47,6 +47,7 @@ import torch.nn as nn
 from .graph import NONNEG_ACTS, ModelGraph
 from .modules import (QUANT_MODULES, QuantConv2d, QuantConvTranspose2d, QuantLayerMixin,
                       QuantMaxPool2d, weight_axis)
+from .calibrators import _abs_max, _reduce_dims
 from .tensor_quantizer import AMAX_EPS, TensorQuantizer
 
 FLAVOURS = ("tensorrt", "onnxruntime")
@@ -405,12 +406,6 @@ def calibrate_weights(model: nn.Module, method: Optional[str] = None) -> Dict[st
 MSE_WEIGHT_CLIPS = torch.linspace(0.3, 1.0, 71)  # fractions of max |w| searched by weight mse
 
 
-def _abs_max(w: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
-    if axis is None:
-        return w.abs().max()
-    return w.abs().amax(dim=[d for d in range(w.dim()) if d != axis])
-
-
 @torch.no_grad()
 def mse_weight_amax(q: TensorQuantizer, w: torch.Tensor) -> torch.Tensor:
     """Per channel of ``q`` (or per tensor): the amax ``a * max |w|`` over
@@ -418,15 +413,16 @@ def mse_weight_amax(q: TensorQuantizer, w: torch.Tensor) -> torch.Tensor:
     summed squared error (rounding + clipping; ties keep the larger clip). Leaves ``q.amax``
     at the result."""
     full = _abs_max(w, q.axis).clamp(min=AMAX_EPS)
-    dims = [d for d in range(w.dim()) if d != q.axis] if q.axis is not None else None
-    best, best_err = full.clone(), None
-    for a in MSE_WEIGHT_CLIPS.flip(0).tolist():  # from the full range down
-        q.amax = full * a
+    dims = _reduce_dims(w, q.axis)
+
+    def sq_error(amax):
+        q.amax = amax
         d2 = (q.fake_quant(w) - w).pow(2)
-        err = d2.sum(dim=dims) if dims is not None else d2.sum()
-        if best_err is None:
-            best_err = err
-            continue
+        return d2.sum(dim=dims) if dims is not None else d2.sum()
+
+    best, best_err = full.clone(), sq_error(full)
+    for a in MSE_WEIGHT_CLIPS.flip(0)[1:].tolist():  # below the full range, downwards
+        err = sq_error(full * a)
         better = err < best_err
         best = torch.where(better, full * a, best)
         best_err = torch.where(better, err, best_err)

@@ -391,7 +391,8 @@ def _calibrate_all(st: _PTQState) -> None:
     st.qmodel = quantize_model(st.float_model, st.cfg, st.batches, progress=st.opts.progress)
     st.say(f"PTQ: {len(quantized_layers(st.qmodel))} quantized layers, calib={q.calib}, "
            f"{'per-channel' if q.per_channel_weights else 'per-tensor'} weights "
-           f"({q.weight_calib} ranges), flavour={q.flavour}, {sum(len(b) for b in st.batches)} calibration images")
+           f"({q.weight_calib} ranges), flavour={q.flavour}, "
+           f"{sum(len(b) for b in st.batches)} calibration images")
 
 
 def _evaluate_all(st: _PTQState) -> None:
