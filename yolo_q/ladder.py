@@ -14,7 +14,7 @@ are kept.
 ``ladder.json``::
 
     {"data_command": ..., "eval_command": ...,
-     "variants": {"repvgg": {"float_weights", "config", "epochs", "curve", "float",
+     "variants": {"repvgg": {"float_weights", "float_sha256", "config", "epochs", "curve", "float",
                              "ptq": {calibrator: mAP}, "per_tensor", "partial",
                              "partial_float_layers", "qat", "qat_cwd", "ort_int8",
                              "ort_int8_trt_flavour", "regime", "val_images"}, ...}}
@@ -42,6 +42,7 @@ from .pipeline import Pipeline
 from .quant import load_model
 from .quant.ptq import run_ptq
 from .quant.qat import qat_epochs
+from .reference import sha256
 
 __all__ = ["LadderVariant", "data_command", "ladder_entry", "reevaluate_ladder", "run_ladder"]
 
@@ -126,7 +127,8 @@ def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool,
     per_tensor = run_ptq(copy_config(cfg), res["train"]["weights"], calib=calib,
                          per_tensor_weights=True, run_dir=pt_dir, out=pt_dir / "ptq.pt",
                          eval_images=p.eval_images, progress=False, verbose=False)
-    entry = {"float_weights": str(v.weights), "config": str(v.config), **_curve(v.weights),
+    entry = {"float_weights": str(v.weights), "float_sha256": sha256(v.weights),
+             "config": str(v.config), **_curve(v.weights),
              **ladder_entry(res, per_tensor, cfg)}
     return entry
 

@@ -30,7 +30,7 @@ from .models.loading import write_float_checkpoint
 from .quant.load import load_model
 from .report import plot_curves
 
-__all__ = ["check_map", "curve_gain", "sha256", "ship_reference"]
+__all__ = ["check_map", "curve_gain", "join_stages", "sha256", "ship_reference"]
 
 
 def sha256(path) -> str:
@@ -53,6 +53,24 @@ def curve_gain(rows: List[Dict[str, Any]], frac: float = 0.2) -> Optional[float]
     if not before:
         return None
     return round(100.0 * (pts[-1][1] - before[-1]), 4)
+
+
+def join_stages(csvs: List[Path], dst: Path) -> None:
+    """Write the results.csv files of consecutive training stages (a run continued with
+    ``--weights`` in a new run directory) as one curve: each stage's epochs continue the
+    previous stage's last epoch; the other cells are copied as written."""
+    header, lines, offset = None, [], 0
+    for csv in csvs:
+        text = Path(csv).read_text(encoding="utf-8").splitlines()
+        if header is not None and text[:1] != [header]:
+            raise ValueError(f"reference: {csv} has other columns than {csvs[0]}")
+        header, last = text[0], offset
+        for line in text[1:]:
+            epoch, rest = line.split(",", 1)
+            last = offset + int(float(epoch))
+            lines.append(f"{last},{rest}")
+        offset = last
+    Path(dst).write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
 
 
 def _synthetic(cfg) -> Dict[str, Any]:
@@ -83,20 +101,28 @@ def _write_fp16(src, dst: Path, config) -> None:
 def ship_reference(run_dir, name: str, config, out_dir="benchmarks/reference",
                    weights: str = "last.pt", check_images: int = 25) -> Dict[str, Any]:
     """Write ``<out_dir>/<name>.pt`` (float16 EMA weights of ``<run_dir>/weights/<weights>``,
-    fused),
-    ``<name>.csv`` (the run's results.csv), ``<name>.png`` (its curves) and the model's entry
-    in ``<out_dir>/models.json``; returns the entry."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    src, csv = run_dir / "weights" / weights, run_dir / "results.csv"
-    for p in (src, csv, Path(config)):
+    fused), ``<name>.csv`` (the run's results.csv), ``<name>.png`` (its curves) and the model's
+    entry in ``<out_dir>/models.json``; returns the entry.
+
+    ``run_dir`` may list the directories of consecutive stages (the later ones started from the
+    earlier one's weights): the weights come from the last, the curve, epochs and training time
+    from all of them (:func:`join_stages`). ``config``: the config the model is used with (data,
+    evaluation, quantization settings), normally the first stage's."""
+    runs = [Path(r) for r in ([run_dir] if isinstance(run_dir, (str, Path)) else run_dir)]
+    out_dir = Path(out_dir)
+    src, csvs = runs[-1] / "weights" / weights, [r / "results.csv" for r in runs]
+    for p in (src, *csvs, Path(config)):
         if not p.is_file():
             raise FileNotFoundError(f"reference: {p} does not exist")
     dst = out_dir / f"{name}.pt"
     check_output_file(dst, [src], what="reference checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_fp16(src, dst, config)
-    shutil.copyfile(csv, out_dir / f"{name}.csv")
-    rows = read_results_csv(csv)
+    if len(csvs) == 1:
+        shutil.copyfile(csvs[0], out_dir / f"{name}.csv")
+    else:
+        join_stages(csvs, out_dir / f"{name}.csv")
+    rows = read_results_csv(out_dir / f"{name}.csv")
     plot_curves({name: rows}, out_dir / f"{name}.png")
     cfg = resolve_config(config)
     full = run_eval(cfg, "torch", str(dst), batch_size=16, verbose=False)
@@ -108,6 +134,9 @@ def ship_reference(run_dir, name: str, config, out_dir="benchmarks/reference",
              "train_seconds": round(sum(float(r.get("seconds") or 0) for r in rows), 1),
              "val_images": int(full["images"]), "val_map50_95": round(100 * full["map50_95"], 4),
              "last20_gain": curve_gain(rows), "check": check}
+    if len(runs) > 1:
+        entry["stages"] = [{"run": r.as_posix(), "epochs": len(read_results_csv(c))}
+                           for r, c in zip(runs, csvs)]
     manifest = out_dir / "models.json"
     models = read_json(manifest) if manifest.is_file() else {}
     models[name] = entry

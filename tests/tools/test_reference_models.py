@@ -11,7 +11,7 @@ from yolo_q.config import load_config
 from yolo_q.data.synthetic import generate
 from yolo_q.engine.hooks import read_results_csv
 from yolo_q.io import half_state, read_json
-from yolo_q.reference import check_map, curve_gain, sha256, ship_reference
+from yolo_q.reference import check_map, curve_gain, join_stages, sha256, ship_reference
 from yolo_q.training import train
 
 from conftest import TINY
@@ -51,6 +51,20 @@ def test_curve_gain():
     assert curve_gain(rows[:1]) is None
 
 
+def test_join_stages_continues_the_epochs(tmp_path):
+    a, b, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "ab.csv"
+    a.write_text("epoch,lr,map50_95\n1,0.02,0.1\n2,0.01,\n3,0.001,0.5\n")
+    b.write_text("epoch,lr,map50_95\n1,0.0002,0.51\n2,0.0002,0.52\n")
+    join_stages([a, b], out)
+    rows = read_results_csv(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["map50_95"] for r in rows] == [0.1, None, 0.5, 0.51, 0.52]
+    assert curve_gain(rows) == pytest.approx(100 * (0.52 - 0.51))  # epoch 4 -> 5
+    b.write_text("epoch,lr,map50,map50_95\n1,0.0002,0.9,0.51\n")
+    with pytest.raises(ValueError, match="b.csv has other columns"):
+        join_stages([a, b], out)
+
+
 def test_half_state_loads_back_and_refuses_overflow():
     m = torch.nn.Conv2d(3, 4, 3)
     h = half_state(m.state_dict())
@@ -82,6 +96,11 @@ def test_ship_reference_on_a_tiny_run(repo_root, tmp_path, monkeypatch):
         100 * read_results_csv(run / "results.csv")[-1]["map50_95"], abs=0.5)
     assert check_map(out / "tiny.pt", cfg_path, e["check"], tmp_path / "again") == \
         e["check"]["map50_95"]
+    # two stages (here the same run twice): one joined curve, the weights of the last stage
+    e2 = ship_reference([run, run], "tiny2", cfg_path, out, check_images=4)
+    assert e2["epochs"] == 2 and e2["stages"] == [{"run": run.as_posix(), "epochs": 1}] * 2
+    assert e2["sha256"] == e["sha256"] and e2["val_map50_95"] == e["val_map50_95"]
+    assert [r["epoch"] for r in read_results_csv(out / "tiny2.csv")] == [1, 2]
     shutil.rmtree(out)
 
 
@@ -94,3 +113,26 @@ def test_the_readme_main_job_starts_from_a_shipped_reference(repo_root):
     ref = load_config(repo_root / shipped[demo.pipeline.float_weights]["config"])
     d, r = demo.pipeline.synthetic, ref.pipeline.synthetic
     assert (d.size, d.seed, d.val, dict(d.spec)) == (r.size, r.seed, r.val, dict(r.spec))
+
+
+LADDERS = ("ladder.json", "ladder_harsh.json")
+
+
+@pytest.mark.parametrize("ladder", LADDERS)
+def test_shipped_ladders_were_measured_on_the_shipped_checkpoints(repo_root, ladder):
+    """Every variant of a committed ladder names a shipped checkpoint and was measured on that
+    very file: same sha256 where the ladder recorded one, and its float row and curve are the
+    shipped model's recorded mAP and curve (a re-shipped model without a re-run ladder fails)."""
+    path = repo_root / "benchmarks" / "reference" / ladder
+    if not path.is_file():
+        pytest.skip(f"{ladder} not committed")
+    by_weights = {e["weights"]: e for e in _shipped(repo_root).values()}
+    for name, v in read_json(path)["variants"].items():
+        e = by_weights.get(v["float_weights"])
+        assert e is not None, f"{ladder}: {name} uses {v['float_weights']}, not a shipped model"
+        if "float_sha256" in v:
+            assert v["float_sha256"] == e["sha256"], f"{ladder}: {name} measured another file"
+        assert v["float"] == pytest.approx(e["val_map50_95"], abs=0.006), f"{ladder}: {name}"
+        assert v["epochs"] == e["epochs"]
+        shipped_curve = read_results_csv(repo_root / e["weights"].replace(".pt", ".csv"))
+        assert v["curve"][-1] == pytest.approx(100 * shipped_curve[-1]["map50_95"], abs=0.006)
