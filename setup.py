@@ -23,7 +23,7 @@ setup(
         # NNCF INT8 peer row)
         "openvino": ["openvino", "nncf", "onnx", "onnxscript"],
         # openvino (~180 MB, 2 small deps, ~10 s) is in dev so that CI runs its tests
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "scipy", "onnx", "onnxruntime",
+        "dev": ["pytest", "pytest-xdist", "pytest-rerunfailures", "hypothesis", "scipy", "onnx", "onnxruntime",
                 "onnxscript", "openvino"],
         # GPU machines only (see deploy/README.md; a CUDA build of torch is needed as well).
         # TensorRT 11 for a CUDA 13 driver (what `pip install tensorrt` resolves to):
