@@ -346,8 +346,10 @@ class Pipeline:
                 return run_qat(resume=str(last), overrides=ov, verbose=self.verbose)
             best = run / "weights" / "best.pt"
             best = best if best.exists() else last
+            # a checkpoint's metrics are on quant.select_data's val split when that is set
             return {"run_dir": str(run), "best": str(best),
-                    "qat": _scalars(load_checkpoint(best).get("metrics", {}))}
+                    "qat": None if cfg.quant.get("select_data") else
+                    _scalars(load_checkpoint(best).get("metrics", {}))}
         # the float / PTQ rows of the QAT summary: the PTQ stage's numbers when it evaluated
         # the same (whole) val set, else QAT evaluates teacher and student itself
         same_val = not self.cfg.pipeline.eval_images

@@ -107,3 +107,31 @@ def test_run_ptq_max_drop_end_to_end(tmp_path):
     assert set(quant_state(load_model(tmp_path / "p.pt"))["skip"]) >= set(s["skip_layers"])
     with pytest.raises(ValueError, match="mutually exclusive"):
         run_ptq(c, float_checkpoint(), skip_top=1, max_drop=0.3, progress=False, verbose=False)
+
+
+def _first_val_images(src_yaml, dst, n):
+    """A copy of ``src_yaml``'s dataset whose val split keeps only its first ``n`` images."""
+    import shutil
+    shutil.copytree(src_yaml.parent, dst)
+    for sub in ("images", "labels"):
+        for f in sorted((dst / sub / "val").iterdir())[n:]:
+            f.unlink()
+    return dst / src_yaml.name
+
+
+def test_choices_measured_on_quant_select_data(tmp_path):
+    """quant.select_data: the sensitivity subset and the max-drop search use that data's val
+    split (here the first 4 of the 8 val images), the reported rows the whole val split."""
+    from test_ptq_fixtures import data_yaml
+    weights = float_checkpoint()  # first: it writes the val (pseudo) labels the copy needs
+    sel = _first_val_images(data_yaml(), tmp_path / "sel", 4)
+    kw = dict(calib="max", max_drop=0.0, max_search_steps=2, progress=False, verbose=False)
+    held = run_ptq(make_cfg(f"quant.select_data={sel}"), weights, **kw)
+    same = run_ptq(make_cfg("quant.sensitivity_images=4"), weights, **kw)
+    assert held["subset_float"]["images"] == 4 and held["float"]["images"] == 8
+    for k in ("subset_float", "subset_ptq", "float", "ptq"):
+        assert held[k]["map50_95"] == pytest.approx(same[k]["map50_95"]), k
+    assert held["search"]["steps"] == same["search"]["steps"]
+    from yolo_q.data import DataNotFoundError
+    with pytest.raises(DataNotFoundError, match="quant.select_data: .*nope.yaml does not exist"):
+        run_ptq(make_cfg(f"quant.select_data={tmp_path / 'nope.yaml'}"), weights, **kw)

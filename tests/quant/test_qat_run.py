@@ -285,3 +285,25 @@ def test_mismatch_fails_at_start_naming_the_file(case, tmp_path):
     assert all(s in msg for s in expect), msg
     assert "\n" not in msg
     assert not (tmp_path / "out").exists()  # failed before creating a run directory
+
+
+def test_best_epoch_chosen_on_quant_select_data(tmp_path):
+    """quant.select_data: the per-epoch evaluations (best.pt) run on that data's val split; the
+    summary's QAT row is the chosen checkpoint scored on data.dataset's val split."""
+    from yolo_q.data.synthetic import generate
+    from yolo_q.quant.qat import build_quantized
+    from yolo_q.eval.runner import make_evaluate_fn
+    from yolo_q.data import build_datasets_from_config
+    sel = generate(tmp_path / "sel", n_train=1, n_val=3, size=64, seed=11, workers=1,
+                   min_objects=1, max_objects=2)
+    cfg = cfg_for("quant.qat.epochs=1", "quant.distill.enabled=false", "train.name=select",
+                  f"quant.select_data={sel}")
+    summary = run_qat(cfg, weights=str(F.calibrated_checkpoint("tensorrt")),
+                      evaluate_start=False, verbose=False)
+    ck = torch.load(summary["qat_checkpoint"], map_location="cpu", weights_only=True)
+    assert summary["qat_select"]["images"] == 3 == ck["metrics"]["images"]
+    _, val_ds, _ = build_datasets_from_config(cfg, splits=("val",), verbose=False)
+    assert summary["qat"]["images"] == len(val_ds) != 3  # the val split of data.dataset
+    model = quantized_from(summary["qat_checkpoint"], "ema")
+    assert summary["qat"]["map50_95"] == pytest.approx(
+        make_evaluate_fn(cfg, val_ds)(model)["map50_95"])

@@ -203,6 +203,10 @@ class QuantConfig:
     # sensitivity analysis only: the probed layer's quantization error x this (1 = plain INT8;
     # > 1 lifts single-layer mAP changes above the val subset's noise, see quant/sensitivity.py)
     sensitivity_gain: float = 1.0
+    # data YAML whose val split quantization's own choices are measured on: the sensitivity /
+    # max-drop subset (its first sensitivity_images) and QAT's best epoch. A held-out split
+    # keeps the reported val mAP free of that selection. null: data.dataset's val split
+    select_data: Optional[str] = None
     qat: QATConfig = field(default_factory=QATConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..config import config_to_dict, copy_config, save_config
-from ..data import (DetectionDataset, build_dataloader, build_datasets_from_config,
-                    check_model_nc, load_data_yaml)
+from ..data import (DataNotFoundError, DetectionDataset, build_dataloader,
+                    build_datasets_from_config, check_model_nc, load_data_yaml)
 from ..data.loader import resolve_data_yaml
 from ..eval.coco import COCOEvaluator
 from ..eval.runner import evaluate
@@ -204,6 +204,25 @@ def _resolved_cfg(cfg, calib, per_tensor_weights, flavour, sensitivity_gain=None
     return cfg
 
 
+def selection_val_set(cfg, val_ds: DetectionDataset) -> DetectionDataset:
+    """The validation set quantization makes its choices on: the val split of
+    ``quant.select_data`` (same image size and settings; its classes must match ``val_ds``),
+    else ``val_ds`` itself."""
+    path = cfg.quant.get("select_data")
+    if not path:
+        return val_ds
+    yaml_path = resolve_data_yaml(path)
+    if not yaml_path.is_file():
+        raise DataNotFoundError(f"quant.select_data: {path} does not exist")
+    sel = copy_config(cfg)
+    sel.data.dataset, sel.data.root = str(yaml_path), None
+    _, ds, _ = build_datasets_from_config(sel, splits=("val",), verbose=False)
+    if ds.nc != val_ds.nc:
+        raise ValueError(f"quant.select_data: {path} has {ds.nc} classes, data.dataset "
+                         f"{val_ds.nc}")
+    return ds
+
+
 def _sensitivity(qmodel, float_model, cfg, batches, val_ds, val_loader, mode, all_but,
                  progress, say, run_dir, files):
     """Sensitivity report on ``quant.sensitivity_images`` val images; returns (report, subset
@@ -222,8 +241,9 @@ def _sensitivity(qmodel, float_model, cfg, batches, val_ds, val_loader, mode, al
                                        proxy_metric=str(q.sensitivity_proxy))
     report.update(subset_images=sub_float["images"], calib=q.calib,
                   per_channel_weights=bool(q.per_channel_weights))
+    where = f" of {q.select_data}" if q.get("select_data") else ""
     say(f"\nsensitivity ({mode}{f', error gain {gain:g}' if gain != 1 else ''}; exact/max-drop "
-        f"on {sub_float['images']} val images: float {sub_float['map50_95']:.4f}, "
+        f"on {sub_float['images']} val images{where}: float {sub_float['map50_95']:.4f}, "
         f"PTQ {sub_ptq['map50_95']:.4f})")
     say(sens.format_table(report), end="")
     if run_dir is not None:
@@ -285,6 +305,8 @@ class _PTQState:
     batches: Any = None
     val_ds: Any = None
     val_loader: Any = None
+    sel_ds: Any = None  # the choices' val set (quant.select_data, else val_ds)
+    sel_loader: Any = None
     qmodel: Any = None
     eval_full: Any = None
     float_m: Any = None
@@ -381,9 +403,11 @@ def _load_float_and_data(st: _PTQState, float_weights, dev) -> None:
     _, st.val_ds, info = build_datasets_from_config(cfg, splits=("val",), verbose=False)
     check_model_nc(st.float_model, st.val_ds.nc, float_weights, info["yaml_file"])  # before calib
     st.batches = calibration_batches(cfg)
-    st.val_loader = build_dataloader(st.val_ds, int(cfg.eval.batch_size), shuffle=False,
-                                     workers=min(int(cfg.data.workers), 2),
-                                     seed=int(cfg.train.seed), persistent_workers=False)
+    st.sel_ds = selection_val_set(cfg, st.val_ds)
+    st.val_loader, st.sel_loader = (
+        build_dataloader(ds, int(cfg.eval.batch_size), shuffle=False,
+                         workers=min(int(cfg.data.workers), 2), seed=int(cfg.train.seed),
+                         persistent_workers=False) for ds in (st.val_ds, st.sel_ds))
 
 
 def _calibrate_all(st: _PTQState) -> None:
@@ -405,7 +429,7 @@ def _evaluate_all(st: _PTQState) -> None:
 def _rank_layers(st: _PTQState) -> None:
     o = st.opts
     st.report, st.eval_sub, st.sub_float, st.sub_ptq = _sensitivity(
-        st.qmodel, st.float_model, st.cfg, st.batches, st.val_ds, st.val_loader,
+        st.qmodel, st.float_model, st.cfg, st.batches, st.sel_ds, st.sel_loader,
         o.sensitivity_mode if o.sensitivity else "proxy", o.all_but, o.progress, st.say,
         Path(o.run_dir) if o.run_dir is not None else None, st.files)
 
@@ -516,4 +540,5 @@ def _write_outputs(st: _PTQState, float_weights, t_all: float) -> Dict[str, Any]
 
 
 __all__ = ["calibration_batches", "calibration_dataset", "cached_val_batches",
-           "format_comparison", "make_map_fn", "PTQOptions", "quantize_model", "run_ptq"]
+           "format_comparison", "make_map_fn", "PTQOptions", "quantize_model", "run_ptq",
+           "selection_val_set"]

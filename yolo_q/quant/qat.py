@@ -67,6 +67,7 @@ from .distill import ChannelDistillHook
 from .integer import bias_overflow_lines, int32_bias_overflow
 from .integer import integer_check as run_integer_check
 from .load import load_quantized
+from .ptq import selection_val_set
 
 logger = logging.getLogger(__name__)
 
@@ -413,21 +414,37 @@ def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[st
         save_config(qcfg, run_dir / "config.yaml")
         if run.verbose:
             _log_start(run_dir, qcfg, run.cfg, state)
-    evaluate_fn = make_evaluate_fn(qcfg, val_ds) if run.rank == 0 else (lambda m: {})
+    report_fn, select_fn = _evaluate_fns(run, qcfg, val_ds)
     baseline = dict((run.resume_ck or {}).get("qat", {}).get("baseline") or run.baseline)
     baseline = {k: _scalars(v) for k, v in baseline.items() if v}
     if run.rank == 0 and evaluate_start:
         if teacher is not None and "float" not in baseline:
-            baseline["float"] = _scalars(evaluate_fn(teacher))
+            baseline["float"] = _scalars(report_fn(teacher))
         if "ptq" not in baseline:
-            baseline["ptq"] = _scalars(evaluate_fn(student))
-    hooks = _qat_hooks(run, qcfg, base_cfg, teacher, evaluate_fn, run_dir, baseline)
+            baseline["ptq"] = _scalars(report_fn(student))
+    hooks = _qat_hooks(run, qcfg, base_cfg, teacher, select_fn, run_dir, baseline)
     summary = fit(qcfg, student, train_ds, hooks, run_dir, resume=run.resume, device=device,
                   rank=run.rank, world=run.world, reinit=False, resume_ck=run.resume_ck)
     summary.update(_summary_extras(run.cfg, qcfg, summary, baseline, state))
     if run.rank != 0:
         return summary
-    return _finish(summary, qcfg, val_ds, state, integer_check, ort_check, run.verbose)
+    return _finish(summary, qcfg, val_ds, state, integer_check, ort_check, run.verbose,
+                   report_fn if select_fn is not report_fn else None)
+
+
+def _evaluate_fns(run: QATRun, qcfg, val_ds):
+    """``(report_fn, select_fn)``: mAP on the val set (the summary's rows) and on the set the
+    best epoch is chosen on (``quant.select_data``; the same function when unset)."""
+    if run.rank != 0:
+        return (lambda m: {}), (lambda m: {})
+    report_fn = make_evaluate_fn(qcfg, val_ds)
+    sel_ds = selection_val_set(qcfg, val_ds)
+    if sel_ds is val_ds:
+        return report_fn, report_fn
+    if run.verbose:
+        logger.info("QAT: best epoch chosen on the val split of %s (%d images), reported on "
+                    "data.dataset's", qcfg.quant.select_data, len(sel_ds))
+    return report_fn, make_evaluate_fn(qcfg, sel_ds)
 
 
 def _log_start(run_dir, qcfg, cfg, state) -> None:
@@ -453,21 +470,27 @@ def _summary_extras(cfg, qcfg, summary, baseline, state) -> Dict[str, Any]:
     }
 
 
-def _finish(summary, qcfg, val_ds, state, integer_check, ort_check, verbose) -> Dict[str, Any]:
-    """QAT mAP of the final checkpoint, the optional integer / ONNX Runtime checks, the report."""
+def _finish(summary, qcfg, val_ds, state, integer_check, ort_check, verbose,
+            report_fn=None) -> Dict[str, Any]:
+    """QAT mAP of the final checkpoint, the optional integer / ONNX Runtime checks, the report.
+    ``report_fn``: the val evaluator when the best epoch was chosen on another set (the
+    checkpoint's own metrics are that set's; kept as ``qat_select``)."""
     weights_dir = Path(summary["run_dir"]) / "weights"
     final_path = Path(summary["best"]) if summary["best"] else weights_dir / "last.pt"
     summary["qat"] = _scalars(load_checkpoint(final_path).get("metrics")) or None
     summary["qat_checkpoint"] = str(final_path)
-    if integer_check or ort_check:
+    final = None
+    if integer_check or ort_check or report_fn is not None:
         rd = read_checkpoint_any(final_path)  # EMA weights when present
         final = build_quantized(qcfg, rd["model"], rd["quant"], str(final_path))
-        if integer_check:
-            summary["integer_check"] = run_integer_check(final, _first_val_batch(qcfg, val_ds))
-            summary["integer_bias_saturated"] = int32_bias_overflow(final)
-        if ort_check:
-            onnx_path = weights_dir / f"{final_path.stem}_{state['flavour']}.onnx"
-            summary["ort"] = evaluate_ort(final, qcfg, val_ds, onnx_path)
+    if report_fn is not None:
+        summary["qat_select"], summary["qat"] = summary["qat"], _scalars(report_fn(final))
+    if integer_check:
+        summary["integer_check"] = run_integer_check(final, _first_val_batch(qcfg, val_ds))
+        summary["integer_bias_saturated"] = int32_bias_overflow(final)
+    if ort_check:
+        onnx_path = weights_dir / f"{final_path.stem}_{state['flavour']}.onnx"
+        summary["ort"] = evaluate_ort(final, qcfg, val_ds, onnx_path)
     summary["report"] = format_report(summary)
     if verbose:
         print(summary["report"], flush=True)
