@@ -83,6 +83,14 @@ def _curve(weights: str) -> Dict[str, Any]:
             "curve": [_pct(r["map50_95"]) for r in rows if r.get("map50_95") is not None]}
 
 
+def _chosen_on(cfg) -> str:
+    """Where the ladder's choices (partial search, QAT's best epoch) were measured."""
+    q = cfg.quant
+    if not q.get("select_data"):
+        return "; choices on the val images"
+    return f"; choices on the val split of {q.select_data} ({q.sensitivity_images} for the search)"
+
+
 def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dict[str, Any]:
     """One variant's ladder row from its pipeline results (``Pipeline.run()['results']['base']``)
     and the per-tensor PTQ summary."""
@@ -110,7 +118,8 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
                    f"per-tensor activations, {'float' if q.high_precision_outputs else 'INT8'} "
                    f"head outputs; partial at max_drop {cfg.pipeline.max_drop}; QAT "
                    f"{qat_epochs(cfg)} epoch(s)"
-                   f"{', mosaic off' if cfg.quant.qat.close_mosaic else ' with mosaic'}"),
+                   f"{', mosaic off' if cfg.quant.qat.close_mosaic else ' with mosaic'}"
+                   f"{_chosen_on(cfg)}"),
         "val_images": int(rows[("float", "torch FP32")].get("images") or 0)
         if ("float", "torch FP32") in rows else None,
     }

@@ -44,6 +44,9 @@ def test_ladder_end_to_end(repo_root, tmp_path):
     assert all(isinstance(v, float) and 0.0 <= v <= 100.0 for v in values), e
     assert e["curve"][-1] == pytest.approx(e["float"], abs=0.01)  # the shipped weights' eval
     assert isinstance(e["partial_float_layers"], list) and e["val_images"] == 8
+    assert e["regime"].endswith("mosaic off; choices on the val images")
+    from yolo_q.reference import sha256
+    assert e["float_sha256"] == sha256(shipped)
     assert "### repvgg" in r.stdout and "| QAT+CWD |" in r.stdout
 
     # the eval command reproduces the float row

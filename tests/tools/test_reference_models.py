@@ -122,7 +122,8 @@ LADDERS = ("ladder.json", "ladder_harsh.json")
 def test_shipped_ladders_were_measured_on_the_shipped_checkpoints(repo_root, ladder):
     """Every variant of a committed ladder names a shipped checkpoint and was measured on that
     very file: same sha256 where the ladder recorded one, and its float row and curve are the
-    shipped model's recorded mAP and curve (a re-shipped model without a re-run ladder fails)."""
+    shipped model's recorded mAP (when measured on as many val images) and curve (a re-shipped
+    model without a re-run ladder fails)."""
     path = repo_root / "benchmarks" / "reference" / ladder
     if not path.is_file():
         pytest.skip(f"{ladder} not committed")
@@ -132,7 +133,8 @@ def test_shipped_ladders_were_measured_on_the_shipped_checkpoints(repo_root, lad
         assert e is not None, f"{ladder}: {name} uses {v['float_weights']}, not a shipped model"
         if "float_sha256" in v:
             assert v["float_sha256"] == e["sha256"], f"{ladder}: {name} measured another file"
-        assert v["float"] == pytest.approx(e["val_map50_95"], abs=0.006), f"{ladder}: {name}"
+        if v.get("val_images", e["val_images"]) == e["val_images"]:  # else: another val set
+            assert v["float"] == pytest.approx(e["val_map50_95"], abs=0.006), f"{ladder}: {name}"
         assert v["epochs"] == e["epochs"]
         shipped_curve = read_results_csv(repo_root / e["weights"].replace(".pt", ".csv"))
         assert v["curve"][-1] == pytest.approx(100 * shipped_curve[-1]["map50_95"], abs=0.006)
