@@ -51,3 +51,11 @@ def test_curve_joins_the_sittings_of_an_official_run(repo_root, tmp_path):
     bad = _run(repo_root, "curve.py", "--official", tmp_path, "--ours", ours, "--out",
                tmp_path / "x", cwd=tmp_path)
     assert bad.returncode != 0 and "no TensorBoard event files" in bad.stderr
+
+
+def test_loss_parity_needs_the_official_checkout(repo_root, tmp_path):
+    """loss_parity.py compares against the official code imported at run time; without it on
+    the path it says so in one line (its comparison itself is recorded in the README)."""
+    r = _run(repo_root, "loss_parity.py", "--seeds", "1", cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
+        "error: the official code is not importable; put ../official_yolov6 on PYTHONPATH")
