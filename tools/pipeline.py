@@ -9,9 +9,10 @@ present -> latency table -> ``runs/pipeline/<name>/report.md`` with plots.
     python tools/pipeline.py --config configs/demo.yaml --force ptq     # redo PTQ and what follows
     python tools/pipeline.py --config configs/demo.yaml pipeline.qat_distill=false
 
-Re-running continues: a stage whose inputs are unchanged is reused (``pipeline.json`` records
-each stage's result, inputs and time); an interrupted training or QAT resumes from its
-``last.pt``. ``--force STAGE`` (repeatable) redoes a stage; stages that consume its outputs
+Re-running continues: a stage whose inputs (files, and the config entries it depends on) are
+unchanged is reused (``pipeline.json`` records each stage's result, inputs and time); an
+interrupted training or QAT resumes from its ``last.pt`` when it was started for the same
+inputs, and starts afresh otherwise. ``--force STAGE`` (repeatable) redoes a stage; stages that consume its outputs
 then run again as well. Settings: the ``pipeline`` section of the config.
 """
 import argparse

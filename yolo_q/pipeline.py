@@ -14,6 +14,7 @@ each variant; the report puts them side by side.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -115,12 +116,37 @@ class QATRecord(QATRunRecord):
 
 STAGES = ("data", "train", "ptq", "qat", "export", "eval", "speed", "report")
 
+# The config a stage's result depends on (besides its input files): a change there re-runs the
+# stage (and, through its outputs, the stages after it).
+STAGE_CONFIG = {
+    "data": ("data.dataset", "data.root", "pipeline.synthetic"),
+    "train": ("model", "data", "train", "eval", "pipeline.float_weights",
+              "pipeline.repopt_hs_epochs"),
+    "ptq": ("model", "data", "eval", "quant", "pipeline.calib_methods", "pipeline.sensitivity",
+            "pipeline.sensitivity_mode", "pipeline.max_drop", "pipeline.skip_top",
+            "pipeline.eval_images"),
+    "qat": ("model", "data", "train", "eval", "quant", "pipeline.qat_distill",
+            "pipeline.qat_compare_no_distill"),
+    "export": ("model", "data.img_size", "quant", "export", "pipeline.flavours"),
+    "eval": ("model", "data", "eval", "quant", "export", "pipeline"),
+    "speed": ("model", "data.img_size", "quant", "export", "pipeline"),
+}
 
-def _fingerprint(paths: Iterable) -> Dict[str, Any]:
+
+def _config_digest(cfg, keys: Iterable[str]) -> str:
+    """A short hash of the config entries ``keys`` (dotted paths; missing ones count as null)."""
+    picked = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+              for k in keys for v in [OmegaConf.select(cfg, k, default=None)]}
+    return hashlib.sha1(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fingerprint(paths: Iterable, config: Optional[str] = None) -> Dict[str, Any]:
     fp = {}
     for p in paths:
         p = Path(p)
         fp[str(p)] = [p.stat().st_size, round(p.stat().st_mtime, 3)] if p.exists() else None
+    if config is not None:
+        fp["config"] = config
     return fp
 
 
@@ -138,6 +164,11 @@ class Pipeline:
                                       if self.state_path.exists() else {})
         self.results: Dict[str, Any] = {}
         self._cleared: set = set()  # run dirs removed by --force train in this invocation
+        self._restart: set = set()  # stage keys whose leftover run dirs were made for other inputs
+        # the fingerprint each stage was last started with (its run dirs were made for it)
+        self.started_path = self.dir / "pipeline_started.json"
+        self.started: Dict[str, Any] = (json.loads(self.started_path.read_text())
+                                        if self.started_path.exists() else {})
 
     def say(self, *args, **kwargs):
         if self.verbose:
@@ -147,26 +178,43 @@ class Pipeline:
     def run_stage(self, key: str, fn: Callable[[], Any], inputs: Iterable = (),
                   record: Optional[type] = None):
         """Run ``fn`` (stage ``key``, e.g. ``ptq`` or ``ptq:repopt``) unless its recorded
-        result is still valid: same input fingerprint, outputs present, stage not forced.
-        ``record``: the stage's record type (``pipeline.json`` holds its dict)."""
+        result is still valid: same input fingerprint (files and the stage's config entries,
+        :data:`STAGE_CONFIG`), outputs present, stage not forced. ``record``: the stage's record
+        type (``pipeline.json`` holds its dict). A training or QAT run left in the stage's
+        directory resumes only when it was started for the same fingerprint."""
         inputs = list(inputs)
         stage = key.split(":")[0]
         rec = self.state.get(key)
-        fp = _fingerprint(inputs)
+        fp = _fingerprint(inputs, _config_digest(self.cfg, STAGE_CONFIG.get(stage, ())))
         outputs_ok = rec is not None and all(Path(p).exists() for p in rec.get("files", []))
         if stage not in self.force and rec and rec.get("inputs") == fp and outputs_ok:
             self.say(f"[{key}] up to date (recorded in {self.state_path}); reusing")
             return record.from_dict(rec["result"]) if record else rec["result"]
+        if self.started.get(key) != fp:
+            self._restart.add(key)
+            self.started[key] = fp
+            write_json(self.started_path, self.started, default=str)
         self.say(f"[{key}] running ...")
         t0 = time.time()
         out = fn()
         result = out.to_dict() if isinstance(out, _Record) else out
         files = [str(v) for v in _walk_paths(result)]
-        self.state[key] = {"result": result, "inputs": _fingerprint(inputs), "files": files,
+        self.state[key] = {"result": result, "inputs": fp, "files": files,
                            "seconds": round(time.time() - t0, 1)}
         self._save()
         self.say(f"[{key}] done in {time.time() - t0:.1f} s")
         return out
+
+    def _fresh_run_dir(self, run: Path, stage_key: str) -> None:
+        """Remove ``run`` when its stage is forced or its inputs changed since it was started
+        (once per invocation): what is left there must not be resumed or reused."""
+        stage = stage_key.split(":")[0]
+        if run.exists() and run not in self._cleared and (
+                stage in self.force or stage_key in self._restart):
+            if stage not in self.force:
+                self.say(f"[{stage_key}] inputs changed since {run} was started: starting afresh")
+            shutil.rmtree(run)
+            self._cleared.add(run)
 
     def _save(self):
         write_json(self.state_path, self.state, default=str)
@@ -236,14 +284,12 @@ class Pipeline:
         info = load_data_yaml(str(data_yaml))
         return {"dataset": str(data_yaml), "nc": info["nc"], "names": list(info["names"])}
 
-    def _train_run(self, cfg, run: Path, label: str) -> None:
+    def _train_run(self, cfg, run: Path, label: str, stage_key: str) -> None:
         """Train ``cfg`` into ``run`` (resuming an interrupted run; nothing when complete)."""
         last = run / "weights" / "last.pt"
         resume = None
-        if "train" in self.force and run.exists() and run not in self._cleared:
-            shutil.rmtree(run)
-            self._cleared.add(run)
-        elif last.exists():
+        self._fresh_run_dir(run, stage_key)
+        if last.exists():
             ck = load_checkpoint(last)
             if int(ck["epoch"]) + 1 >= int(cfg.train.epochs):
                 return
@@ -262,13 +308,15 @@ class Pipeline:
         if variant == "repopt":
             hs_epochs = self.cfg.pipeline.repopt_hs_epochs or self.cfg.train.epochs
             hs_cfg = self._sub_cfg(["model.block=linearadd", f"train.epochs={hs_epochs}"])
-            self._train_run(hs_cfg, vd / "hs", "train:repopt hyper-search")
+            self._train_run(hs_cfg, vd / "hs", "train:repopt hyper-search",
+                            _key("train", variant))
             scales = vd / "hs" / "scales.pt"
             if not scales.exists():
                 raise RuntimeError(f"{scales}: the hyper-search run wrote no scales file")
             extra = {"scales": str(scales), "hs_results_csv": str(vd / "hs" / "results.csv")}
         run = vd / "float"
-        self._train_run(self.variant_cfg(variant), run, _key("train", variant))
+        self._train_run(self.variant_cfg(variant), run, _key("train", variant),
+                        _key("train", variant))
         return TrainRecord(**self._train_result(run), **extra)
 
     def _given_weights(self, path: Path) -> Dict[str, Any]:
@@ -336,9 +384,8 @@ class Pipeline:
         ov = [f"quant.qat.output_dir={run.parent}", f"train.name={run.name}",
               "train.exist_ok=true", f"quant.distill.enabled={str(distill).lower()}"]
         last = run / "weights" / "last.pt"
-        if "qat" in self.force and run.exists():
-            shutil.rmtree(run)
-        elif last.exists():
+        self._fresh_run_dir(run, _key("qat", variant))
+        if last.exists():
             ck = load_checkpoint(last)
             epochs = qat_epochs(_with(cfg, ov))
             if int(ck["epoch"]) + 1 < epochs:

@@ -133,6 +133,18 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     assert "[eval] running" in r3.stdout and "[eval:repopt] running" in r3.stdout
     assert "[train] up to date" in r3.stdout and "[speed] up to date" in r3.stdout
 
+    # a changed setting re-runs the stages that depend on it; QAT starts afresh instead of
+    # reusing its finished run made from the other PTQ model
+    qat_last = out_dir / "qat" / "weights" / "last.pt"
+    before = qat_last.stat().st_mtime_ns
+    r4 = run(repo_root, "--config", cfg, "quant.calib=max", "pipeline.variants=[base]", cwd=tmp_path)
+    assert r4.returncode == 0, r4.stderr[-3000:]
+    assert "[train] up to date" in r4.stdout and "[ptq] running" in r4.stdout
+    assert "[qat] running" in r4.stdout and "inputs changed since" in r4.stdout
+    assert qat_last.stat().st_mtime_ns != before
+    ck = json.loads((out_dir / "pipeline.json").read_text())["ptq"]["result"]
+    assert ck["calib"] == "max"
+
 
 def test_pipeline_errors(repo_root, tmp_path):
     r = run(repo_root, "--config", repo_root / "configs" / "demo.yaml", "--force", "trian",
