@@ -4,6 +4,8 @@ run) beside our results.csv."""
 import subprocess
 import sys
 
+import pytest
+
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
@@ -53,9 +55,12 @@ def test_curve_joins_the_sittings_of_an_official_run(repo_root, tmp_path):
     assert bad.returncode != 0 and "no TensorBoard event files" in bad.stderr
 
 
-def test_loss_parity_needs_the_official_checkout(repo_root, tmp_path):
-    """loss_parity.py compares against the official code imported at run time; without it on
-    the path it says so in one line (its comparison itself is recorded in the README)."""
-    r = _run(repo_root, "loss_parity.py", "--seeds", "1", cwd=tmp_path)
+@pytest.mark.parametrize("script, args", [
+    ("loss_parity.py", ["--seeds", "1"]),
+    ("aug_stats.py", ["--config", "configs/demo.yaml", "--official-data", "x.yaml"])])
+def test_comparisons_need_the_official_checkout(repo_root, tmp_path, script, args):
+    """loss_parity.py / aug_stats.py compare against the official code imported at run time;
+    without it on the path they say so in one line (their results are in the README)."""
+    r = _run(repo_root, script, *args, cwd=tmp_path)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == (
         "error: the official code is not importable; put ../official_yolov6 on PYTHONPATH")
