@@ -140,6 +140,28 @@ def _config_digest(cfg, keys: Iterable[str]) -> str:
     return hashlib.sha1(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _free_name(path: Path, suffix: str) -> Path:
+    """The first of ``<path><suffix>``, ``<path><suffix>2``, ... that does not exist."""
+    i = 1
+    while path.with_name(f"{path.name}{suffix}{i if i > 1 else ''}").exists():
+        i += 1
+    return path.with_name(f"{path.name}{suffix}{i if i > 1 else ''}")
+
+
+def _files_only(fp: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in fp.items() if k != "config"}
+
+
+def _made_for_other_inputs(started: Optional[Dict[str, Any]], recorded: Optional[Dict[str, Any]],
+                           fp: Dict[str, Any]) -> bool:
+    """Whether what a stage left in its run directories belongs to other inputs than ``fp``:
+    it was last started with others, or (no start recorded: an older pipeline.json) its last
+    completed result was."""
+    if started is not None:
+        return started != fp
+    return recorded is not None and _files_only(recorded) != _files_only(fp)
+
+
 def _fingerprint(paths: Iterable, config: Optional[str] = None) -> Dict[str, Any]:
     fp = {}
     for p in paths:
@@ -181,19 +203,22 @@ class Pipeline:
         result is still valid: same input fingerprint (files and the stage's config entries,
         :data:`STAGE_CONFIG`), outputs present, stage not forced. ``record``: the stage's record
         type (``pipeline.json`` holds its dict). A training or QAT run left in the stage's
-        directory resumes only when it was started for the same fingerprint."""
+        directory is resumed only when nothing says it was made for other inputs."""
         inputs = list(inputs)
         stage = key.split(":")[0]
         rec = self.state.get(key)
         fp = _fingerprint(inputs, _config_digest(self.cfg, STAGE_CONFIG.get(stage, ())))
         outputs_ok = rec is not None and all(Path(p).exists() for p in rec.get("files", []))
-        if stage not in self.force and rec and rec.get("inputs") == fp and outputs_ok:
+        recorded = (rec or {}).get("inputs")
+        if recorded is not None and "config" not in recorded and recorded == _files_only(fp):
+            rec["inputs"] = recorded = fp  # recorded before config entries counted: trusted
+        if stage not in self.force and rec and recorded == fp and outputs_ok:
             self.say(f"[{key}] up to date (recorded in {self.state_path}); reusing")
             return record.from_dict(rec["result"]) if record else rec["result"]
-        if self.started.get(key) != fp:
+        if _made_for_other_inputs(self.started.get(key), recorded, fp):
             self._restart.add(key)
-            self.started[key] = fp
-            write_json(self.started_path, self.started, default=str)
+        self.started[key] = fp
+        write_json(self.started_path, self.started, default=str)
         self.say(f"[{key}] running ...")
         t0 = time.time()
         out = fn()
@@ -206,15 +231,22 @@ class Pipeline:
         return out
 
     def _fresh_run_dir(self, run: Path, stage_key: str) -> None:
-        """Remove ``run`` when its stage is forced or its inputs changed since it was started
-        (once per invocation): what is left there must not be resumed or reused."""
+        """Clear ``run`` before its stage trains into it: removed when the stage is forced;
+        moved aside to ``<run>.old`` (``.old2``, ...; its checkpoints kept) when it was made
+        for other inputs. Once per invocation."""
         stage = stage_key.split(":")[0]
-        if run.exists() and run not in self._cleared and (
-                stage in self.force or stage_key in self._restart):
-            if stage not in self.force:
-                self.say(f"[{stage_key}] inputs changed since {run} was started: starting afresh")
+        if not run.exists() or run in self._cleared:
+            return
+        if stage in self.force:
             shutil.rmtree(run)
-            self._cleared.add(run)
+        elif stage_key in self._restart:
+            old = _free_name(run, ".old")
+            run.rename(old)
+            self.say(f"[{stage_key}] {run} was made for other inputs: moved to {old}, starting "
+                     f"afresh")
+        else:
+            return
+        self._cleared.add(run)
 
     def _save(self):
         write_json(self.state_path, self.state, default=str)

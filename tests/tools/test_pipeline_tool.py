@@ -127,6 +127,16 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     assert "running ..." not in r2.stdout, r2.stdout[-3000:]
     assert r2.stdout.count("up to date") == 13  # data + 6 stages x 2 variants
 
+    # a pipeline.json written before config entries counted (and no start records) is trusted
+    # where its files still match: nothing re-runs, nothing is moved
+    st = json.loads((out_dir / "pipeline.json").read_text())
+    for rec in st.values():
+        rec["inputs"].pop("config", None)
+    (out_dir / "pipeline.json").write_text(json.dumps(st))
+    (out_dir / "pipeline_started.json").unlink()
+    r2b = run(repo_root, "--config", cfg, cwd=tmp_path)
+    assert r2b.returncode == 0 and r2b.stdout.count("up to date") == 13, r2b.stdout[-3000:]
+
     # --force eval redoes the evaluations only
     r3 = run(repo_root, "--config", cfg, "--force", "eval", cwd=tmp_path)
     assert r3.returncode == 0, r3.stderr[-3000:]
@@ -134,14 +144,16 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     assert "[train] up to date" in r3.stdout and "[speed] up to date" in r3.stdout
 
     # a changed setting re-runs the stages that depend on it; QAT starts afresh instead of
-    # reusing its finished run made from the other PTQ model
+    # reusing its finished run made from the other PTQ model (which is moved aside)
     qat_last = out_dir / "qat" / "weights" / "last.pt"
     before = qat_last.stat().st_mtime_ns
     r4 = run(repo_root, "--config", cfg, "quant.calib=max", "pipeline.variants=[base]", cwd=tmp_path)
     assert r4.returncode == 0, r4.stderr[-3000:]
     assert "[train] up to date" in r4.stdout and "[ptq] running" in r4.stdout
-    assert "[qat] running" in r4.stdout and "inputs changed since" in r4.stdout
+    assert "[qat] running" in r4.stdout and "was made for other inputs: moved to" in r4.stdout
     assert qat_last.stat().st_mtime_ns != before
+    old = out_dir / "qat.old" / "weights" / "last.pt"  # the earlier run is kept, not deleted
+    assert old.stat().st_mtime_ns == before
     ck = json.loads((out_dir / "pipeline.json").read_text())["ptq"]["result"]
     assert ck["calib"] == "max"
 
