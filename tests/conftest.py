@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 # idle OpenMP threads sleep instead of spinning (serial runs on 2 shared cores were 5x slower)
@@ -14,6 +15,21 @@ from yolo_q.engine import Hook
 REPO = Path(__file__).resolve().parents[1]
 # one thread per xdist worker (the suite runs with -n 2 on 2 cores)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+
+
+_SIGCHLD_AT_START = signal.getsignal(signal.SIGCHLD)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld():
+    """torch's multi-worker DataLoader installs a process-wide SIGCHLD handler (once per
+    process) that inspects its registered worker pids whenever any child exits. In a long-lived
+    xdist worker it outlived its loaders and killed the worker natively when a later test
+    SIGKILLed a child of its own (tests/reliability/test_atomic_checkpoints.py after the data,
+    engine, eval and quant tests). Every test ends with the disposition the session began with."""
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not _SIGCHLD_AT_START:
+        signal.signal(signal.SIGCHLD, _SIGCHLD_AT_START)
 
 
 @pytest.fixture(scope="session")
