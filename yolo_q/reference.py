@@ -16,7 +16,6 @@ the synthetic val split, regenerated from (seed, size, spec)) small enough for a
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -55,11 +54,12 @@ def curve_gain(rows: List[Dict[str, Any]], frac: float = 0.2) -> Optional[float]
     return round(100.0 * (pts[-1][1] - before[-1]), 4)
 
 
-def join_stages(csvs: List[Path], dst: Path) -> None:
+def join_stages(csvs: List[Path], dst: Path) -> List[int]:
     """Write the results.csv files of consecutive training stages (a run continued with
     ``--weights`` in a new run directory) as one curve: each stage's epochs continue the
-    previous stage's last epoch; the other cells are copied as written."""
-    header, lines, offset = None, [], 0
+    previous stage's last epoch; the other cells are copied as written. Returns each stage's
+    number of rows."""
+    header, lines, offset, counts = None, [], 0, []
     for csv in csvs:
         text = Path(csv).read_text(encoding="utf-8").splitlines()
         if header is not None and text[:1] != [header]:
@@ -70,7 +70,9 @@ def join_stages(csvs: List[Path], dst: Path) -> None:
             last = offset + int(float(epoch))
             lines.append(f"{last},{rest}")
         offset = last
+        counts.append(len(text) - 1)
     Path(dst).write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    return counts
 
 
 def _synthetic(cfg) -> Dict[str, Any]:
@@ -118,10 +120,7 @@ def ship_reference(run_dir, name: str, config, out_dir="benchmarks/reference",
     check_output_file(dst, [src], what="reference checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_fp16(src, dst, config)
-    if len(csvs) == 1:
-        shutil.copyfile(csvs[0], out_dir / f"{name}.csv")
-    else:
-        join_stages(csvs, out_dir / f"{name}.csv")
+    counts = join_stages(csvs, out_dir / f"{name}.csv")  # one stage: a copy
     rows = read_results_csv(out_dir / f"{name}.csv")
     plot_curves({name: rows}, out_dir / f"{name}.png")
     cfg = resolve_config(config)
@@ -135,8 +134,7 @@ def ship_reference(run_dir, name: str, config, out_dir="benchmarks/reference",
              "val_images": int(full["images"]), "val_map50_95": round(100 * full["map50_95"], 4),
              "last20_gain": curve_gain(rows), "check": check}
     if len(runs) > 1:
-        entry["stages"] = [{"run": r.as_posix(), "epochs": len(read_results_csv(c))}
-                           for r, c in zip(runs, csvs)]
+        entry["stages"] = [{"run": r.as_posix(), "epochs": n} for r, n in zip(runs, counts)]
     manifest = out_dir / "models.json"
     models = read_json(manifest) if manifest.is_file() else {}
     models[name] = entry

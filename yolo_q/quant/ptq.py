@@ -404,10 +404,13 @@ def _load_float_and_data(st: _PTQState, float_weights, dev) -> None:
     check_model_nc(st.float_model, st.val_ds.nc, float_weights, info["yaml_file"])  # before calib
     st.batches = calibration_batches(cfg)
     st.sel_ds = selection_val_set(cfg, st.val_ds)
-    st.val_loader, st.sel_loader = (
-        build_dataloader(ds, int(cfg.eval.batch_size), shuffle=False,
-                         workers=min(int(cfg.data.workers), 2), seed=int(cfg.train.seed),
-                         persistent_workers=False) for ds in (st.val_ds, st.sel_ds))
+
+    def loader(ds):
+        return build_dataloader(ds, int(cfg.eval.batch_size), shuffle=False,
+                                workers=min(int(cfg.data.workers), 2), seed=int(cfg.train.seed),
+                                persistent_workers=False)
+    st.val_loader = loader(st.val_ds)
+    st.sel_loader = st.val_loader if st.sel_ds is st.val_ds else loader(st.sel_ds)
 
 
 def _calibrate_all(st: _PTQState) -> None:
