@@ -14,9 +14,11 @@ each variant; the report puts them side by side.
 """
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -358,10 +360,12 @@ class Pipeline:
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
         out = self.dir / "float" / "weights" / "float.pt"
-        write_float_checkpoint(model, out, epoch=-1, source=str(path))
+        _replace_if_changed(out, lambda p: write_float_checkpoint(model, p, epoch=-1,
+                                                                  source=str(path)))
         self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
+        curve = path.with_suffix(".csv")  # the curve shipped beside a reference checkpoint
         return TrainRecord(weights=str(out), run_dir=str(out.parent.parent), metrics={},
-                           results_csv=str(out.parent.parent / "results.csv"), source=str(path))
+                           results_csv=str(curve) if curve.is_file() else "", source=str(path))
 
     def _train_result(self, run: Path) -> Dict[str, Any]:
         best = run / "weights" / "best.pt"
@@ -585,6 +589,17 @@ def _map(m: Optional[Dict[str, Any]]) -> Dict[str, Optional[float]]:
 
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s.lower()).strip("_")
+
+
+def _replace_if_changed(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(p)`` to a side file, then move it to ``path`` unless ``path`` already holds the
+    same bytes: an unchanged file keeps its mtime, which the later stages' fingerprints hold."""
+    side = path.with_name(path.stem + ".new" + path.suffix)
+    write(side)
+    if path.is_file() and filecmp.cmp(side, path, shallow=False):
+        side.unlink()
+    else:
+        os.replace(side, path)
 
 
 def _walk_paths(obj) -> List[Path]:

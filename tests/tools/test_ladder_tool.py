@@ -49,6 +49,23 @@ def test_ladder_end_to_end(repo_root, tmp_path):
     assert e["float_sha256"] == sha256(shipped)
     assert "### repvgg" in r.stdout and "| QAT+CWD |" in r.stdout
 
+    # a second run reuses every pipeline stage: the given checkpoint's conversion is rewritten
+    # only when its bytes change (its mtime is in the later stages' fingerprints), and the
+    # float curve is the CSV shipped beside it
+    pipe_dir = tmp_path / "runs" / "pipeline" / "ladder_repvgg"
+    state = json.loads((pipe_dir / "pipeline.json").read_text())
+    assert state["train"]["result"]["results_csv"] == str(shipped.with_suffix(".csv"))
+    float_pt = pipe_dir / "float" / "weights" / "float.pt"
+    before = float_pt.stat().st_mtime_ns
+    r2 = subprocess.run([sys.executable, str(repo_root / "tools" / "ladder.py"),
+                         "--variant", f"repvgg={cfg_path}:{shipped}", "--out", str(out)],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for stage in ("ptq", "qat", "export", "eval", "speed"):
+        assert f"[{stage}] up to date" in r2.stdout, r2.stdout[-3000:]
+    assert float_pt.stat().st_mtime_ns == before
+    assert json.loads(out.read_text())["variants"]["repvgg"] == e
+
     # the eval command reproduces the float row
     cmd = lad["eval_command"].split()
     assert cmd[:2] == ["python", "tools/eval.py"]
