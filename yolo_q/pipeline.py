@@ -135,10 +135,20 @@ STAGE_CONFIG = {
 }
 
 
-def _config_digest(cfg, keys: Iterable[str]) -> str:
-    """A short hash of the config entries ``keys`` (dotted paths; missing ones count as null)."""
+# A stage's result version: bumped when a fix changes what the stage computes from the same
+# inputs and config, so that recorded results of the old code are not reused (a stage without
+# an entry keeps its old fingerprints). qat 2: QAT's train set gets QAT's augmentation (before,
+# quant.qat.close_mosaic reached the saved config but not the data: QAT trained with mosaic).
+STAGE_VERSION = {"qat": 2}
+
+
+def _config_digest(cfg, keys: Iterable[str], version: Optional[int] = None) -> str:
+    """A short hash of the config entries ``keys`` (dotted paths; missing ones count as null)
+    and of the stage's result ``version`` (:data:`STAGE_VERSION`) when it has one."""
     picked = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
               for k in keys for v in [OmegaConf.select(cfg, k, default=None)]}
+    if version is not None:
+        picked["stage_version"] = version
     return hashlib.sha1(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -209,7 +219,8 @@ class Pipeline:
         inputs = list(inputs)
         stage = key.split(":")[0]
         rec = self.state.get(key)
-        fp = _fingerprint(inputs, _config_digest(self.cfg, STAGE_CONFIG.get(stage, ())))
+        fp = _fingerprint(inputs, _config_digest(self.cfg, STAGE_CONFIG.get(stage, ()),
+                                                 STAGE_VERSION.get(stage)))
         outputs_ok = rec is not None and all(Path(p).exists() for p in rec.get("files", []))
         recorded = (rec or {}).get("inputs")
         if recorded is not None and "config" not in recorded and recorded == _files_only(fp):

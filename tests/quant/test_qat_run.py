@@ -76,6 +76,28 @@ def test_recipe_config():
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 1e-6
 
 
+class _RecordAugmentAndStop(StopAfterEpoch):
+    """Records the augmentation of the dataset QAT trains on, then stops before any step."""
+
+    def before_train(self):
+        self.hyp = dict(self.trainer.train_loader.dataset.hyp)
+        raise KeyboardInterrupt("recorded")
+
+
+@pytest.mark.parametrize("close, expected", [("true", (0.0, 0.0)), ("false", (1.0, 0.2))])
+def test_qat_trains_on_its_own_augmentation(tmp_path, close, expected):
+    """The train set is built with QAT's augmentation (mosaic/mixup closed by default), not the
+    float recipe's: the saved config said "mosaic off" while the data still used mosaic."""
+    rec = _RecordAugmentAndStop(0)
+    cfg = cfg_for("data.augment.mosaic=1.0", "data.augment.mixup=0.2",
+                  f"quant.qat.close_mosaic={close}", f"quant.qat.output_dir={tmp_path}")
+    with pytest.raises(KeyboardInterrupt):
+        run_qat(cfg, weights=str(F.calibrated_checkpoint("tensorrt")),
+                teacher=str(F.float_checkpoint()), extra_hooks=[rec], evaluate_start=False,
+                verbose=False)
+    assert (rec.hyp["mosaic"], rec.hyp["mixup"]) == expected
+
+
 def test_frozen_scales_checkpoints_and_report(full_run):
     summary, calib_ck = full_run
     ck = torch.load(summary["last"], map_location="cpu", weights_only=True)

@@ -157,6 +157,19 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     ck = json.loads((out_dir / "pipeline.json").read_text())["ptq"]["result"]
     assert ck["calib"] == "max"
 
+    # a fix that changes what QAT computes (its STAGE_VERSION bumped) re-runs QAT and what
+    # follows from it, not the float or PTQ stages, and keeps the old run
+    bump = ("import runpy, sys, yolo_q.pipeline as p; p.STAGE_VERSION['qat'] += 1; "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r5 = subprocess.run([sys.executable, "-c", bump, str(repo_root / "tools" / "pipeline.py"),
+                         "--config", str(cfg), "quant.calib=max", "pipeline.variants=[base]"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    assert "[train] up to date" in r5.stdout and "[ptq] up to date" in r5.stdout
+    assert "[qat] running" in r5.stdout and "[export] running" in r5.stdout
+    assert (out_dir / "qat.old2" / "weights" / "last.pt").is_file()
+
 
 def test_pipeline_errors(repo_root, tmp_path):
     r = run(repo_root, "--config", repo_root / "configs" / "demo.yaml", "--force", "trian",

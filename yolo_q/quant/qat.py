@@ -398,7 +398,8 @@ def _qat_hooks(run: QATRun, qcfg, base_cfg, teacher, evaluate_fn, run_dir, basel
 def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[str, Any]:
     """Build the student, its config and its hooks; :func:`yolo_q.engine.fit`; the report."""
     base_cfg = copy_config(run.cfg)
-    train_ds, val_ds, info = build_datasets_from_config(run.cfg,
+    # the data as QAT trains on it: its augmentation (quant.qat.close_mosaic), not the float run's
+    train_ds, val_ds, info = build_datasets_from_config(qat_train_config(run.cfg),
                                                         verbose=run.verbose and run.rank == 0)
     student_nc = ((run.student_ck.get("config") or {}).get("model") or {}).get("nc")
     check_model_nc(student_nc, info["nc"], run.student_ck["source"], info["yaml_file"])
