@@ -14,7 +14,6 @@ each variant; the report puts them side by side.
 """
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from omegaconf import OmegaConf
 
 from .config import copy_config, save_config
-from .io import write_json
+from .io import atomic_path, write_json
 from .benchmark import BenchmarkProcessError, format_speed_table, speed_benchmark_isolated
 from .data import load_data_yaml
 from .data.synthetic import generate
@@ -371,8 +370,8 @@ class Pipeline:
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
         out = self.dir / "float" / "weights" / "float.pt"
-        _replace_if_changed(out, lambda p: write_float_checkpoint(model, p, epoch=-1,
-                                                                  source=str(path)))
+        with atomic_path(out, keep_same=True) as tmp:  # unchanged bytes keep float.pt's mtime
+            write_float_checkpoint(model, tmp, epoch=-1, source=str(path))
         self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
         curve = path.with_suffix(".csv")  # the curve shipped beside a reference checkpoint
         return TrainRecord(weights=str(out), run_dir=str(out.parent.parent), metrics={},
@@ -600,17 +599,6 @@ def _map(m: Optional[Dict[str, Any]]) -> Dict[str, Optional[float]]:
 
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in s.lower()).strip("_")
-
-
-def _replace_if_changed(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(p)`` to a side file, then move it to ``path`` unless ``path`` already holds the
-    same bytes: an unchanged file keeps its mtime, which the later stages' fingerprints hold."""
-    side = path.with_name(path.stem + ".new" + path.suffix)
-    write(side)
-    if path.is_file() and filecmp.cmp(side, path, shallow=False):
-        side.unlink()
-    else:
-        os.replace(side, path)
 
 
 def _walk_paths(obj) -> List[Path]:

@@ -126,3 +126,20 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         _atomic_copy(last, tmp_path / "best.pt")
     assert (tmp_path / "best.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_keep_same_leaves_an_identical_file_alone(tmp_path):
+    """``atomic_path(keep_same=True)``: identical bytes keep the old file (its mtime, which
+    later stages' fingerprints hold); different bytes replace it; no temp file stays behind."""
+    from yolo_q.io import atomic_path
+    path = tmp_path / "float.pt"
+    save_checkpoint({"w": torch.arange(4.0)}, path)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    with atomic_path(path, keep_same=True) as tmp:
+        save_checkpoint({"w": torch.arange(4.0)}, tmp)
+    assert path.stat().st_mtime_ns == 1_000_000_000
+    with atomic_path(path, keep_same=True) as tmp:
+        save_checkpoint({"w": torch.arange(4.0) + 1}, tmp)
+    assert path.stat().st_mtime_ns != 1_000_000_000
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4.0) + 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["float.pt"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import math
 import os
@@ -31,11 +32,12 @@ def process_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
+def atomic_path(path: PathLike, keep_same: bool = False) -> Iterator[Path]:
     """Yield a temp path in ``path``'s folder; on success it replaces ``path`` (``os.replace``),
     on any error it is removed. A crash leaves the previous file or the new one, never half.
     The file gets the mode a plain ``open(path, "w")`` would give (``0o666 & ~umask``), not
-    ``mkstemp``'s private 0600."""
+    ``mkstemp``'s private 0600. ``keep_same``: when ``path`` already holds the same bytes it is
+    left alone (keeps its mtime, which fingerprints of later work may hold)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -47,7 +49,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the rename
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if not (keep_same and path.is_file() and filecmp.cmp(tmp, path, shallow=False)):
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

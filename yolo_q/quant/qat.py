@@ -397,14 +397,14 @@ def _qat_hooks(run: QATRun, qcfg, base_cfg, teacher, evaluate_fn, run_dir, basel
 
 def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[str, Any]:
     """Build the student, its config and its hooks; :func:`yolo_q.engine.fit`; the report."""
-    base_cfg = copy_config(run.cfg)
+    base_cfg = copy_config(run.cfg)  # the float config (a resumed run rebuilds QAT's from it)
+    qcfg = qat_train_config(base_cfg)
     # the data as QAT trains on it: its augmentation (quant.qat.close_mosaic), not the float run's
-    train_ds, val_ds, info = build_datasets_from_config(qat_train_config(run.cfg),
-                                                        verbose=run.verbose and run.rank == 0)
+    train_ds, val_ds, info = build_datasets_from_config(qcfg, verbose=run.verbose and run.rank == 0)
     student_nc = ((run.student_ck.get("config") or {}).get("model") or {}).get("nc")
     check_model_nc(student_nc, info["nc"], run.student_ck["source"], info["yaml_file"])
-    sync_nc_with_data(base_cfg, info)
-    qcfg = qat_train_config(base_cfg)
+    for c in (base_cfg, qcfg):
+        sync_nc_with_data(c, info)
     tck = run.teacher_ck
     check_model_configs(qcfg, (run.student_ck["source"], run.student_ck.get("config")),
                         (tck["source"], tck.get("config")) if tck else None)
