@@ -118,19 +118,22 @@ class QATRecord(QATRunRecord):
 STAGES = ("data", "train", "ptq", "qat", "export", "eval", "speed", "report")
 
 # The config a stage's result depends on (besides its input files): a change there re-runs the
-# stage (and, through its outputs, the stages after it).
+# stage (and, through its outputs, the stages after it). ``-key``: an entry of a section named
+# before that the stage does not read (QAT's recipe is no input of PTQ, nor of the stages that
+# read QAT's checkpoints: those see its changes through the files).
+_NOT_QAT = ("-quant.qat", "-quant.distill")
 STAGE_CONFIG = {
     "data": ("data.dataset", "data.root", "pipeline.synthetic"),
     "train": ("model", "data", "train", "eval", "pipeline.float_weights",
               "pipeline.repopt_hs_epochs"),
-    "ptq": ("model", "data", "eval", "quant", "pipeline.calib_methods", "pipeline.sensitivity",
-            "pipeline.sensitivity_mode", "pipeline.max_drop", "pipeline.skip_top",
-            "pipeline.eval_images"),
+    "ptq": ("model", "data", "eval", "quant", *_NOT_QAT, "pipeline.calib_methods",
+            "pipeline.sensitivity", "pipeline.sensitivity_mode", "pipeline.max_drop",
+            "pipeline.skip_top", "pipeline.eval_images"),
     "qat": ("model", "data", "train", "eval", "quant", "pipeline.qat_distill",
             "pipeline.qat_compare_no_distill"),
-    "export": ("model", "data.img_size", "quant", "export", "pipeline.flavours"),
-    "eval": ("model", "data", "eval", "quant", "export", "pipeline"),
-    "speed": ("model", "data.img_size", "quant", "export", "pipeline"),
+    "export": ("model", "data.img_size", "quant", *_NOT_QAT, "export", "pipeline.flavours"),
+    "eval": ("model", "data", "eval", "quant", *_NOT_QAT, "export", "pipeline"),
+    "speed": ("model", "data.img_size", "quant", *_NOT_QAT, "export", "pipeline"),
 }
 
 
@@ -142,10 +145,21 @@ STAGE_VERSION = {"qat": 2}
 
 
 def _config_digest(cfg, keys: Iterable[str], version: Optional[int] = None) -> str:
-    """A short hash of the config entries ``keys`` (dotted paths; missing ones count as null)
-    and of the stage's result ``version`` (:data:`STAGE_VERSION`) when it has one."""
+    """A short hash of the config entries ``keys`` (dotted paths; missing ones count as null;
+    ``-path``: drop that entry from a section picked before it) and of the stage's result
+    ``version`` (:data:`STAGE_VERSION`) when it has one."""
+    keys = list(keys)
     picked = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-              for k in keys for v in [OmegaConf.select(cfg, k, default=None)]}
+              for k in keys if not k.startswith("-")
+              for v in [OmegaConf.select(cfg, k, default=None)]}
+    for k in (k[1:] for k in keys if k.startswith("-")):
+        head = next(h for h in picked if k.startswith(h + "."))  # the section it is taken from
+        node = picked[head]
+        *parents, leaf = k[len(head) + 1:].split(".")
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     if version is not None:
         picked["stage_version"] = version
     return hashlib.sha1(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]

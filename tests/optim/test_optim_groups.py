@@ -87,6 +87,28 @@ def test_sgd_step_decays_only_weights():
             assert torch.equal(v, before[k]), k
 
 
+def test_optim_group_attribute_makes_its_own_group():
+    """A parameter with ``optim_group`` (QAT's learned ranges) leaves the three groups for its
+    own, with lr0 * lr_ratio through the scheduler and no weight decay; a step with a unit
+    gradient moves it by exactly that LR."""
+    from yolo_q.optim import WarmupScheduler
+    m = nn.Sequential(nn.Conv2d(3, 4, 3))
+    m.s = nn.Parameter(torch.tensor(2.0))
+    m.s.optim_group, m.s.lr_ratio = "quant_scale", 50.0
+    cfg = load_config(None, ["train.lr0=0.001", "train.momentum=0.0", "train.nesterov=false",
+                             "train.weight_decay=0.1"])
+    opt = build_optimizer(m, cfg)
+    g = {x["name"]: x for x in opt.param_groups}
+    assert list(g) == ["norm", "weight", "bias", "quant_scale"] and g["quant_scale"]["params"] == [m.s]
+    assert g["quant_scale"]["initial_lr"] == pytest.approx(0.05) and g["quant_scale"]["weight_decay"] == 0
+    WarmupScheduler(opt, "cosine", 10, 0.01).step(0, 0)
+    assert g["quant_scale"]["lr"] == pytest.approx(0.05) and g["weight"]["lr"] == pytest.approx(0.001)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert m.s.item() == pytest.approx(2.0 - 0.05)
+
+
 def test_adamw_and_errors():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     opt = build_optimizer(m, load_config(None, ["train.optimizer=adamw", "train.momentum=0.9"]))

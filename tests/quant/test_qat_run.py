@@ -229,6 +229,33 @@ def test_range_ema_scales_and_model_ema():
             assert len(vals) == 1, group
 
 
+def test_learned_scales_train_stay_tied_and_load():
+    """quant.qat.learn_scales: activation ranges move (weights' ranges do not), each shared
+    group is one parameter (tied in the model and its EMA), and the checkpoint loads and
+    scores through load_model like any QAT checkpoint."""
+    calib_ck = F.calibrated_checkpoint("tensorrt")
+    summary = run_qat(cfg_for("quant.qat.epochs=1", "quant.qat.learn_scales=true",
+                              "quant.qat.lr_ratio=1.0", "quant.distill.enabled=false",
+                              "train.name=learned"), weights=str(calib_ck),
+                      evaluate_start=False, verbose=False)
+    assert summary["recipe"]["scales"] == "learned"
+    calib = torch.load(calib_ck, map_location="cpu", weights_only=True)
+    model, ema = quantized_from(summary["last"], "model"), quantized_from(summary["last"], "ema")
+    acts = activation_quantizers(model)
+    changed = [n for n, q in acts.items() if not torch.equal(q.amax, calib["model"][n + "._amax"])]
+    assert len(changed) > len(acts) // 2
+    for n, q in weight_quantizers(model).items():
+        assert torch.equal(q.amax, calib["model"][n + "._amax"])
+    for m in (model, ema):
+        for group in quant_state(m)["shared"]:
+            assert len({float(m.get_submodule(q).amax) for q in group}) == 1, group
+    w = load_model(summary["last"])
+    assert is_quantized(w) and not any(q.learns_amax for q in all_quantizers(w).values())
+    with pytest.raises(QATError, match="choose one"):
+        run_qat(cfg_for("quant.qat.learn_scales=true", "quant.qat.freeze_scales=false",
+                        "quant.distill.enabled=false"), weights=str(calib_ck), verbose=False)
+
+
 def test_resume_equals_uninterrupted(full_run, tmp_path, torch_load_calls):
     summary, calib_ck = full_run
     cfg = cfg_for(*FULL, f"quant.qat.output_dir={tmp_path}", "train.name=resume")

@@ -114,6 +114,40 @@ def test_range_ema_updates_only_in_training():
     assert q.amax.item() == pytest.approx(1.4)
 
 
+def test_learned_amax_is_lsq_and_exports_like_a_buffer():
+    """learn_amax: the same values as the buffer quantizer in every mode; in training with
+    gradients the step size gets LSQ's gradient (straight-through rounding; without LSQ's
+    1/sqrt(numel * qmax) factor), computed here by hand; the state dict loads into a buffer model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5) * 2
+    ref, q = TensorQuantizer(), TensorQuantizer()
+    ref.amax = q.amax = 3.0
+    p = q.learn_amax()
+    assert q.learns_amax and isinstance(p, torch.nn.Parameter)
+    assert [n for n, _ in q.named_parameters()] == ["_amax"] and not list(q.named_buffers())
+    q.train()
+    y = q(x)
+    assert torch.equal(y, ref(x))
+    (y * x).sum().backward()
+    s = torch.tensor(3.0 / 127, requires_grad=True)  # by hand: y = s * clamp(round(x / s))
+    v = torch.clamp(x / s, -128, 127)
+    y_hand = (v + (v.round() - v).detach()) * s
+    (y_hand * x).sum().backward()
+    assert p.grad is not None and float(p.grad) == pytest.approx(float(s.grad) / 127, rel=1e-4)
+    with torch.no_grad():  # eval / export path: plain fake quantization of the parameter
+        p.mul_(0.5)
+        assert torch.equal(q(x), torch.fake_quantize_per_tensor_affine(x, 1.5 / 127, 0, -128, 127))
+    fresh = TensorQuantizer()
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.amax.item() == pytest.approx(1.5) and not fresh.learns_amax
+    with pytest.raises(QuantizerError, match="not calibrated"):
+        TensorQuantizer().learn_amax()
+    with pytest.raises(QuantizerError, match="per tensor only"):
+        per_channel = TensorQuantizer(axis=0, num_channels=3)
+        per_channel.amax = 1.0
+        per_channel.learn_amax()
+
+
 def test_half_precision_input_keeps_dtype():
     q = TensorQuantizer()
     q.amax = 1.27

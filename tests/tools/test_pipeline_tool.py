@@ -206,3 +206,22 @@ def test_ptq_stage_calibrators_main_first(repo_root, calib, methods, expected):
     cfg = load_config(repo_root / "configs" / "demo.yaml",
                       [f"quant.calib={calib}", f"pipeline.calib_methods=[{','.join(methods)}]"])
     assert calibrators(cfg) == expected
+
+
+def test_qat_recipe_changes_rerun_qat_only():
+    """The stages after PTQ read QAT's recipe through QAT's files, PTQ not at all: a change of
+    quant.qat.* / quant.distill.* changes QAT's fingerprint only; any other quant key (or a
+    new default) changes them all."""
+    from yolo_q.pipeline import STAGE_CONFIG, _config_digest
+    base = load_config(None)
+    qat_only = load_config(None, ["quant.qat.epochs=9", "quant.qat.learn_scales=true",
+                                  "quant.distill.tau=2"])
+    calib = load_config(None, ["quant.calib=mse"])
+    for stage in ("ptq", "qat", "export", "eval", "speed"):
+        keys = STAGE_CONFIG[stage]
+        assert (_config_digest(base, keys) == _config_digest(qat_only, keys)) == (stage != "qat")
+        assert _config_digest(base, keys) != _config_digest(calib, keys), stage
+    # the dropped entries are gone from the hash, everything else of the section stays
+    nested = ("quant", "-quant.qat.epochs", "-quant.qat.learn_scales", "-quant.distill.tau")
+    assert _config_digest(base, nested) == _config_digest(qat_only, nested)
+    assert _config_digest(base, nested[:-1]) != _config_digest(qat_only, nested[:-1])

@@ -156,6 +156,10 @@ class QATConfig:
     lrf: float = 0.01
     freeze_scales: bool = True  # False: EMA-updated activation ranges
     range_ema: float = 0.99
+    # activation ranges trained with the weights (LSQ step-size gradient), from the calibrated
+    # values; tied (concat) scales stay one parameter. Needs freeze_scales=true (no EMA ranges)
+    learn_scales: bool = False
+    scale_lr_ratio: float = 100.0  # learned ranges' LR = this x the weights' QAT LR
     ema: bool = True  # model EMA during QAT (weights averaged, quantizer ranges copied)
     # QAT trains with the augmentation the float recipe ends with: mosaic and mixup off (on the
     # reference models 3 QAT epochs with mosaic lost 0.1 point against PTQ on 1000 val

@@ -9,6 +9,10 @@ Three groups, in this order (the order YOLOv6 uses; each group also carries a ``
 * ``bias``   - every ``bias``: no weight decay, and its own warm-up LR (see
   :class:`yolo_q.optim.scheduler.WarmupScheduler`).
 
+A parameter carrying an ``optim_group`` attribute (a name) goes into a group of that name
+instead, after the three, with no weight decay and the LR ``lr0 * p.lr_ratio`` (default 1; e.g.
+the learned quantization ranges of QAT, :func:`yolo_q.quant.learn_activation_scales`).
+
 Parameters with ``requires_grad=False`` (e.g. the DFL projection) are left out.
 Weight decay is scaled by ``batch * world * accumulate / nominal_batch`` (YOLOv6), so the decay
 applied per sample stays the same whatever the batch size and accumulation.
@@ -35,7 +39,8 @@ def accumulate_steps(nominal_batch: int, batch_size: int, world_size: int = 1) -
 
 
 def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
-    """Split trainable parameters into ``norm`` / ``weight`` / ``bias`` lists (see module doc)."""
+    """Split trainable parameters into ``norm`` / ``weight`` / ``bias`` lists, plus one list per
+    ``optim_group`` name (see module doc)."""
     groups: Dict[str, List[nn.Parameter]] = {name: [] for name in GROUP_NAMES}
     seen = set()
     for module in model.modules():
@@ -43,7 +48,9 @@ def param_groups(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            if name == "bias":
+            if getattr(p, "optim_group", None):
+                groups.setdefault(str(p.optim_group), []).append(p)
+            elif name == "bias":
                 groups["bias"].append(p)
             elif isinstance(module, NORM_TYPES) or (name != "weight" and p.ndim <= 1):
                 groups["norm"].append(p)
@@ -70,6 +77,10 @@ def build_optimizer(model: nn.Module, cfg, world_size: int = 1,
     specs = [dict(params=groups[name], name=name, initial_lr=t.lr0,
                   weight_decay=weight_decay if name == "weight" else 0.0)
              for name in GROUP_NAMES]
+    for name in [n for n in groups if n not in GROUP_NAMES]:
+        ratio = float(getattr(groups[name][0], "lr_ratio", 1.0))
+        specs.append(dict(params=groups[name], name=name, initial_lr=t.lr0 * ratio,
+                          lr=t.lr0 * ratio, weight_decay=0.0))
     kind = str(t.optimizer).lower()
     if kind != "repopt" and (grad_masks or decay_offsets):
         raise ValueError(f"grad_masks/decay_offsets need train.optimizer=repopt, got '{kind}'")

@@ -19,8 +19,9 @@ from .calibrators import HistogramCalibrator, MaxCalibrator, make_calibrator
 from .convert import (DFL_LAYERS, FLAVOURS, OUTPUT_LAYERS, CalibrationError, QuantStateError,
                       activation_quantizers, all_quantizers, apply_shared_scales, calibrate,
                       calibrate_weights, capture_layer_outputs, convert, disable_layers,
-                      enable_range_ema, floor_weight_scales, is_quantized, layer_modules,
-                      layer_output_errors, quant_state, quantize_only, quantized_layers,
+                      enable_range_ema, floor_learned_scales, floor_weight_scales,
+                      is_quantized, layer_modules, layer_output_errors, learn_activation_scales,
+                      quant_state, quantize_only, quantized_layers,
                       resolve_settings, restore, set_quant_enabled, weight_quantizers)
 from .integer import (bias_overflow_lines, int32_bias_overflow, integer_check,
                       quantize_multiplier, requantize)
@@ -33,7 +34,8 @@ __all__ = ["AMAX_EPS", "CalibrationError", "DFL_LAYERS", "FLAVOURS", "HistogramC
            "QuantConvTranspose2d", "QuantMaxPool2d", "QuantStateError", "QuantizerError",
            "TensorQuantizer", "activation_quantizers", "all_quantizers", "apply_shared_scales",
            "calibrate", "calibrate_weights", "capture_layer_outputs", "convert",
-           "bias_overflow_lines", "disable_layers", "enable_range_ema", "floor_weight_scales",
+           "bias_overflow_lines", "disable_layers", "enable_range_ema", "floor_learned_scales",
+           "floor_weight_scales", "learn_activation_scales",
            "int32_bias_overflow", "integer_check", "is_quantized",
            "layer_modules", "layer_output_errors", "make_calibrator", "quant_state",
            "quantize_multiplier", "quantize_only", "quantized_layers", "requantize",

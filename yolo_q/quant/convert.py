@@ -592,6 +592,32 @@ def calibrate(model: nn.Module, batches: Iterable, method: Optional[str] = None,
     return {n: float(q.amax.max()) for n, q in acts.items() if q.is_calibrated}
 
 
+def learn_activation_scales(model: nn.Module, lr_ratio: float = 1.0) -> List[nn.Parameter]:
+    """QAT option: every calibrated activation amax becomes a trained parameter (LSQ,
+    :meth:`TensorQuantizer.learn_amax`); each shared-scale group gets ONE parameter, so tied
+    scales stay tied through every step and through the model EMA. The parameters form the
+    optimizer group ``quant_scale`` (LR ``lr_ratio`` x the weights' LR, no weight decay; see
+    :func:`yolo_q.optim.param_groups`): call before the optimizer is built."""
+    acts = {n: q for n, q in activation_quantizers(model).items() if q.is_calibrated and q.enabled}
+    params = []
+    for group in quant_state(model)["shared"]:
+        shared = None
+        for name in (g for g in group if g in acts):
+            shared = acts.pop(name).learn_amax(shared)
+        params += [shared] if shared is not None else []
+    params += [q.learn_amax() for q in acts.values()]
+    for p in params:
+        p.optim_group, p.lr_ratio = "quant_scale", float(lr_ratio)
+    return params
+
+
+def floor_learned_scales(model: nn.Module) -> None:
+    """Re-apply the ``AMAX_EPS`` floor to learned activation ranges (after optimizer steps)."""
+    for q in activation_quantizers(model).values():
+        if q.learns_amax:
+            q.amax = q.amax.detach()
+
+
 def enable_range_ema(model: nn.Module, ema: float = 0.99) -> None:
     """QAT option: activation ranges follow an EMA of the batch max in training mode."""
     for q in activation_quantizers(model).values():
@@ -645,8 +671,8 @@ def layer_output_errors(model: nn.Module, batch) -> Dict[str, Dict[str, float]]:
 __all__ = ["CalibrationError", "DFL_LAYERS", "FLAVOURS", "OUTPUT_LAYERS", "QUANT_MODULES",
            "QuantStateError", "activation_quantizers", "all_quantizers", "apply_shared_scales",
            "bias_amax_floor", "calibrate", "calibrate_weights", "capture_layer_outputs", "convert",
-           "disable_layers", "enable_range_ema", "floor_weight_scales", "input_grid_quantizer",
-           "is_quantized", "layer_modules", "layer_output_errors", "mse_weight_amax", "plan",
-           "quant_state",
+           "disable_layers", "enable_range_ema", "floor_learned_scales", "floor_weight_scales",
+           "input_grid_quantizer", "is_quantized", "layer_modules", "layer_output_errors",
+           "learn_activation_scales", "mse_weight_amax", "plan", "quant_state",
            "quantize_only", "quantized_layers", "resolve_settings", "restore", "set_quant_enabled",
            "weight_quantizers"]

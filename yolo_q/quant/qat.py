@@ -21,7 +21,10 @@ float by partial quantization stay float). Activation scales stay at their calib
 (amax buffers are not parameters: nothing changes them) unless ``quant.qat.freeze_scales=false``:
 then every activation range follows an EMA of the batch max (:func:`~yolo_q.quant.enable_range_ema`)
 and shared (concat) scales are re-tied before each optimizer step and at the end of every epoch,
-so every checkpoint exports consistently. Weight scales (per-channel max from calibration) stay
+so every checkpoint exports consistently. ``quant.qat.learn_scales=true``: every activation range
+is a parameter trained with the weights (LSQ, :func:`~yolo_q.quant.learn_activation_scales`; a
+shared group is one parameter, no weight decay, the weights' LR), averaged by the model EMA like
+the weights. Weight scales (per-channel max from calibration) stay
 fixed, except that the int32 bias floor is re-applied after every epoch for the trained biases
 (only channels whose bias would leave int32 change, see :class:`QATHook`).
 
@@ -61,7 +64,8 @@ from ..io import (CheckpointError, check_output_dir, flush_denormal, load_checkp
                   read_checkpoint_any)
 from ..models.loading import float_model_from_state, weight_settings, with_settings
 from .convert import (QuantStateError, all_quantizers, apply_shared_scales,
-                      enable_range_ema, floor_weight_scales, is_quantized, quant_state,
+                      enable_range_ema, floor_learned_scales, floor_weight_scales,
+                      is_quantized, learn_activation_scales, quant_state,
                       quantized_layers)
 from .distill import ChannelDistillHook
 from .integer import bias_overflow_lines, int32_bias_overflow
@@ -250,6 +254,7 @@ class QATHook(Hook):
         for model in models:
             if not self.freeze_scales:
                 apply_shared_scales(model)
+            floor_learned_scales(model)
             floor_weight_scales(model)
 
 
@@ -303,6 +308,11 @@ def _read_inputs(cfg, weights, teacher, resume, overrides):
     cfg = copy_config(cfg, overrides)
     validate_choices(cfg, "QAT config")
     validate_values(cfg, "QAT config")
+    if cfg.quant.qat.learn_scales and not cfg.quant.qat.freeze_scales:
+        raise QATError("quant.qat.learn_scales=true and quant.qat.freeze_scales=false both move "
+                       "the activation ranges (gradient vs EMA of the batch max): choose one")
+    if cfg.quant.qat.learn_scales and not float(cfg.quant.qat.scale_lr_ratio) > 0:
+        raise QATError(f"quant.qat.scale_lr_ratio must be > 0, got {cfg.quant.qat.scale_lr_ratio}")
     if cfg.quant.distill.enabled and not teacher:
         raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
                        "or set quant.distill.enabled=false")
@@ -370,6 +380,8 @@ def _build_models(run: QATRun, qcfg):
     check_calibrated(student, src)
     device = resolve_device(qcfg.train.device)
     student.to(device)
+    if qcfg.quant.qat.learn_scales:  # before the optimizer is built (it holds the parameters)
+        learn_activation_scales(student, float(qcfg.quant.qat.scale_lr_ratio))
     tck = run.teacher_ck
     teacher = load_teacher(tck["source"], tck, qcfg, device) if tck else None
     state = quant_state(student)
@@ -453,8 +465,12 @@ def _log_start(run_dir, qcfg, cfg, state) -> None:
     logger.info("QAT run directory: %s (%d epochs, lr0 %.3g -> x%.3g, mosaic %s, scales %s, "
                 "distillation %s, %d quantized layers, %d float)", run_dir, t.epochs,
                 t.lr0, t.lrf, "on" if qcfg.data.augment.mosaic > 0 else "off",
-                "frozen" if qat.freeze_scales else "EMA",
+                _scales_mode(qat),
                 "on" if distill.enabled else "off", len(state["layers"]), len(state["skip"]))
+
+
+def _scales_mode(qat) -> str:
+    return "learned" if qat.learn_scales else ("frozen" if qat.freeze_scales else "EMA")
 
 
 def _summary_extras(cfg, qcfg, summary, baseline, state) -> Dict[str, Any]:
@@ -465,7 +481,8 @@ def _summary_extras(cfg, qcfg, summary, baseline, state) -> Dict[str, Any]:
         "flavour": state["flavour"], "quantized_layers": len(state["layers"]),
         "float_layers": list(state["skip"]),
         "recipe": {"epochs": int(t.epochs), "lr0": float(t.lr0), "lrf": float(t.lrf),
-                   "freeze_scales": bool(qat.freeze_scales), "distill": bool(distill.enabled),
+                   "freeze_scales": bool(qat.freeze_scales), "scales": _scales_mode(qat),
+                   "distill": bool(distill.enabled),
                    "distill_weight": float(distill.weight), "tau": float(distill.tau),
                    "layers": list(distill.layers)},
     }

@@ -15,7 +15,15 @@ unsigned                    0..2^b-1              0           amax/(2^b-1)
 ``uint8_storage`` is the same signed grid stored as uint8 (ONNX Runtime flavour: every
 activation uint8, so its QLinear kernels fuse). Modes, pytorch-quantization style: *calibrate*
 (``enable_calib(); disable_quant()``: collect statistics, pass through), *quantize* (default),
-*disabled* (``disable()``: pass through). ``_amax`` is a buffer (``-1`` = not calibrated).
+*disabled* (``disable()``: pass through). ``_amax`` is a buffer (``-1`` = not calibrated); QAT
+with learned scales makes it a parameter (:meth:`TensorQuantizer.learn_amax`, per tensor only):
+in training mode with gradients on, the forward then gives the step size LSQ's gradient (Esser et
+al., 2019: straight-through rounding; ``sum(dL/dy * (round(x/s) - x/s))`` inside the range,
+``dL/dy * qmin/qmax`` outside) without LSQ's ``1/sqrt(numel * qmax)`` factor: on the reference
+model that factor left the ranges' relative gradient ~1e-8 against the weights' ~0.1, so the
+ranges get their own LR instead (``quant.qat.scale_lr_ratio``); everywhere else (eval,
+export, ``no_grad``) it is the same fake quantization as with a buffer, and the state dict key is
+the same ``_amax``, so a checkpoint loads into a model with the buffer.
 
 ``error_gain`` (sensitivity analysis only, never saved or exported): the output becomes
 ``c + error_gain * (fake_quant(x) - c)`` with ``c = x`` clipped to the grid's range, i.e. this
@@ -104,6 +112,7 @@ class TensorQuantizer(nn.Module):
         return self._amax
 
     @amax.setter
+    @torch.no_grad()
     def amax(self, value) -> None:
         value = torch.as_tensor(value, dtype=torch.float32, device=self._amax.device)
         if value.numel() == 1 and self._amax.dim() == 1:
@@ -114,6 +123,7 @@ class TensorQuantizer(nn.Module):
         self._amax.copy_(value.detach().clamp(min=AMAX_EPS))
         self._has_amax = True
 
+    @torch.no_grad()
     def reset_amax(self) -> None:
         """Back to the uncalibrated state."""
         self._amax.fill_(-1.0)
@@ -127,6 +137,27 @@ class TensorQuantizer(nn.Module):
     def scale(self) -> torch.Tensor:
         """Quantization step(s): ``amax / qmax_abs`` (amax is floored at ``AMAX_EPS`` when set)."""
         return self._amax / self.qmax_abs
+
+    def learn_amax(self, shared: Optional[nn.Parameter] = None) -> nn.Parameter:
+        """QAT: ``amax`` becomes a trained parameter (LSQ; see the module doc), starting from the
+        calibrated value, or ``shared`` (one parameter for a group of tied quantizers).
+        Returns the parameter."""
+        if self.axis is not None:
+            raise QuantizerError(f"{self._label}: learned amax is per tensor only")
+        if not self._has_amax:
+            raise QuantizerError(f"{self._label}: not calibrated (amax unset)")
+        p = shared if shared is not None else nn.Parameter(self._amax.detach().clone())
+        if p.shape != self._amax.shape:
+            raise QuantizerError(f"{self._label}: shared amax shape {tuple(p.shape)} does not "
+                                 f"match {tuple(self._amax.shape)}")
+        self._buffers.pop("_amax", None)
+        self._parameters.pop("_amax", None)
+        self._amax = p  # registered as a parameter (nn.Module.__setattr__)
+        return p
+
+    @property
+    def learns_amax(self) -> bool:
+        return isinstance(self._amax, nn.Parameter)
 
     @property
     def _label(self) -> str:
@@ -251,6 +282,9 @@ class TensorQuantizer(nn.Module):
                                  "yolo_q.quant.calibrate() or load a calibrated checkpoint")
         dtype = x.dtype
         xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        if self.learns_amax and self._amax.requires_grad and torch.is_grad_enabled():
+            y = self._lsq(xf)
+            return y if y.dtype == dtype else y.to(dtype)
         scale = self.scale  # buffer-derived: constant-folded into an initializer on export
         if self.axis is None:
             zp = torch.full((), self.zero_point, dtype=torch.int32, device=xf.device)
@@ -260,6 +294,13 @@ class TensorQuantizer(nn.Module):
             y = torch.fake_quantize_per_channel_affine(xf, scale, zp, self.axis, self.quant_min,
                                                        self.quant_max)
         return y if y.dtype == dtype else y.to(dtype)
+
+    def _lsq(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization with the step size's LSQ gradient (per tensor, unscaled)."""
+        scale = (self._amax.clamp(min=AMAX_EPS) / self.qmax_abs).reshape(1)
+        zp = torch.full((1,), float(self.zero_point), device=x.device)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, scale, zp, self.quant_min, self.quant_max, 1.0)
 
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (int64) of ``x`` on this grid, zero point included."""
