@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from omegaconf import OmegaConf
 
 from .config import copy_config, save_config
-from .io import atomic_path, write_json
+from .io import write_json
 from .benchmark import BenchmarkProcessError, format_speed_table, speed_benchmark_isolated
 from .data import load_data_yaml
 from .data.synthetic import generate
@@ -384,8 +384,8 @@ class Pipeline:
             raise FileNotFoundError(f"pipeline.float_weights: {path} does not exist")
         model = load_model(path, cfg=self.cfg)
         out = self.dir / "float" / "weights" / "float.pt"
-        with atomic_path(out, keep_same=True) as tmp:  # unchanged bytes keep float.pt's mtime
-            write_float_checkpoint(model, tmp, epoch=-1, source=str(path))
+        # unchanged bytes keep float.pt's mtime, which the later stages' fingerprints hold
+        write_float_checkpoint(model, out, keep_same=True, epoch=-1, source=str(path))
         self.say(f"[train] pipeline.float_weights: using {path} (no float training)")
         curve = path.with_suffix(".csv")  # the curve shipped beside a reference checkpoint
         return TrainRecord(weights=str(out), run_dir=str(out.parent.parent), metrics={},

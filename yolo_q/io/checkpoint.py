@@ -14,12 +14,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, unsafe or does not match the model; names the file."""
 
 
-def save_checkpoint(obj: Dict[str, Any], path: PathLike) -> Path:
+def save_checkpoint(obj: Dict[str, Any], path: PathLike, keep_same: bool = False) -> Path:
     """Save atomically: write a temp file in the same folder, fsync, then ``os.replace``.
 
     A crash at any point leaves either the previous file or the new one, never a truncated one.
+    ``keep_same``: a file at ``path`` with the same bytes is left alone (keeps its mtime).
     """
-    return write_bytes_atomic(path, lambda f: torch.save(obj, f))
+    return write_bytes_atomic(path, lambda f: torch.save(obj, f), keep_same)
 
 
 def half_state(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

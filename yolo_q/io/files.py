@@ -56,9 +56,10 @@ def atomic_path(path: PathLike, keep_same: bool = False) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_bytes_atomic(path: PathLike, writer) -> Path:
-    """``writer(f)`` writes into a binary file object; the result lands at ``path`` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+def write_bytes_atomic(path: PathLike, writer, keep_same: bool = False) -> Path:
+    """``writer(f)`` writes into a binary file object; the result lands at ``path`` atomically
+    (``keep_same``: see :func:`atomic_path`)."""
+    with atomic_path(path, keep_same) as tmp, open(tmp, "wb") as f:
         writer(f)
     return Path(path)
 

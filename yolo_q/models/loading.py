@@ -53,15 +53,16 @@ def float_model_from_state(cfg, sd: Dict[str, torch.Tensor], source: str = "weig
 
 
 def write_float_checkpoint(model: torch.nn.Module, path: PathLike, cfg=None, fp16: bool = False,
-                           **meta: Any) -> Path:
+                           keep_same: bool = False, **meta: Any) -> Path:
     """Write ``model`` as a yolo_q float checkpoint, atomically: ``{"model": state dict (every
     floating tensor float16 with ``fp16``; it loads back as float32), "config": ``cfg`` (default
     ``model.yolo_q_config``, the config with the weights' own settings), "fused": deploy form
-    or not, **meta}`` (e.g. ``source=``, ``epoch=``). Loads with :func:`yolo_q.load_model`."""
+    or not, **meta}`` (e.g. ``source=``, ``epoch=``). Loads with :func:`yolo_q.load_model`.
+    ``keep_same``: see :func:`yolo_q.io.save_checkpoint`."""
     sd = model.state_dict()
     cfg = model.yolo_q_config if cfg is None else cfg
     return save_checkpoint({"model": half_state(sd) if fp16 else sd, "config": config_to_dict(cfg),
-                            "fused": model.is_fused, **meta}, path)
+                            "fused": model.is_fused, **meta}, path, keep_same)
 
 
 # ---- settings that belong to the weights, not to the run (used by load_model, resume, teachers) --

@@ -612,7 +612,8 @@ def learn_activation_scales(model: nn.Module, lr_ratio: float = 1.0) -> List[nn.
 
 
 def floor_learned_scales(model: nn.Module) -> None:
-    """Re-apply the ``AMAX_EPS`` floor to learned activation ranges (after optimizer steps)."""
+    """Re-apply the ``AMAX_EPS`` floor to learned activation ranges (QAT: after each epoch, on
+    the model and its EMA, before they are evaluated and saved)."""
     for q in activation_quantizers(model).values():
         if q.learns_amax:
             q.amax = q.amax.detach()

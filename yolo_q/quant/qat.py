@@ -23,8 +23,8 @@ then every activation range follows an EMA of the batch max (:func:`~yolo_q.quan
 and shared (concat) scales are re-tied before each optimizer step and at the end of every epoch,
 so every checkpoint exports consistently. ``quant.qat.learn_scales=true``: every activation range
 is a parameter trained with the weights (LSQ, :func:`~yolo_q.quant.learn_activation_scales`; a
-shared group is one parameter, no weight decay, the weights' LR), averaged by the model EMA like
-the weights. Weight scales (per-channel max from calibration) stay
+shared group is one parameter, no weight decay, ``scale_lr_ratio`` x the weights' LR), averaged
+by the model EMA like the weights. Weight scales (per-channel max from calibration) stay
 fixed, except that the int32 bias floor is re-applied after every epoch for the trained biases
 (only channels whose bias would leave int32 change, see :class:`QATHook`).
 

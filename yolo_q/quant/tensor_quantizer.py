@@ -282,11 +282,10 @@ class TensorQuantizer(nn.Module):
                                  "yolo_q.quant.calibrate() or load a calibrated checkpoint")
         dtype = x.dtype
         xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        scale = self.scale  # buffer-derived: constant-folded into an initializer on export
         if self.learns_amax and self._amax.requires_grad and torch.is_grad_enabled():
             y = self._lsq(xf)
-            return y if y.dtype == dtype else y.to(dtype)
-        scale = self.scale  # buffer-derived: constant-folded into an initializer on export
-        if self.axis is None:
+        elif self.axis is None:
             zp = torch.full((), self.zero_point, dtype=torch.int32, device=xf.device)
             y = torch.fake_quantize_per_tensor_affine(xf, scale, zp, self.quant_min, self.quant_max)
         else:
