@@ -16,9 +16,12 @@ are kept.
     {"data_command": ..., "eval_command": ...,
      "variants": {"repvgg": {"float_weights", "float_sha256", "config", "epochs", "curve", "float",
                              "ptq": {calibrator: mAP}, "per_tensor", "partial",
-                             "partial_float_layers", "qat", "qat_cwd", "ort_int8",
+                             "partial_float_layers", "qat", "qat_cwd",
+                             "qat_cwd_partial"?, "qat_partial_float_layers"?,
+                             "qat_partial_max_drop"?, "ort_int8",
                              "ort_int8_trt_flavour", "regime", "val_images"}, ...}}
 
+(``?``: only with ``quant.qat.max_drop``, QAT-aware partial quantization of the QAT+CWD model.)
 mAP50-95 in % (2 decimals); ``curve``: the val mAP of every evaluated epoch, read from the
 training's ``results.csv`` shipped beside the checkpoint (``<weights stem>.csv``; empty when
 absent).
@@ -110,6 +113,7 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
         "partial_float_layers": list(ptq.get("skip_layers") or []),
         "qat": m("qat", "torch fake-quant"),
         "qat_cwd": m("qat+cwd", "torch fake-quant"),
+        **_qat_partial(result, rows),
         "ort_int8": m("qat+cwd", "ORT INT8 (onnxruntime flavour)"),
         "ort_int8_trt_flavour": m("ptq", "ORT INT8 (tensorrt flavour)"),
         "regime": (f"{q.calib} calibration, "
@@ -123,6 +127,18 @@ def ladder_entry(result: Dict[str, Any], per_tensor: Dict[str, Any], cfg) -> Dic
         "val_images": int(rows[("float", "torch FP32")].get("images") or 0)
         if ("float", "torch FP32") in rows else None,
     }
+
+
+def _qat_partial(result: Dict[str, Any], rows) -> Dict[str, Any]:
+    """The QAT-aware partial row (``quant.qat.max_drop``), when the pipeline ran it."""
+    part = result.get("qat_partial")
+    if not part:
+        return {}
+    row = next((r for (stage, runtime), r in rows.items()
+                if stage.startswith("qat+cwd partial") and runtime == "torch fake-quant"), None)
+    return {"qat_cwd_partial": _pct(row["map50_95"]) if row else None,
+            "qat_partial_float_layers": list(part["float_layers"]),
+            "qat_partial_max_drop": part["max_drop"]}
 
 
 def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool,
@@ -255,9 +271,12 @@ def format_ladder(result: Dict[str, Any]) -> str:
         rows = [("float", ref)] + [(f"PTQ {c}", v) for c, v in e["ptq"].items()] + [
             ("PTQ per-tensor weights", e["per_tensor"]),
             (f"partial PTQ ({len(e['partial_float_layers'])} float)", e["partial"]),
-            ("QAT", e["qat"]), ("QAT+CWD", e["qat_cwd"]),
-            ("QAT+CWD, ORT INT8 (onnxruntime flavour)", e["ort_int8"]),
-            ("PTQ, ORT INT8 (tensorrt flavour)", e["ort_int8_trt_flavour"])]
+            ("QAT", e["qat"]), ("QAT+CWD", e["qat_cwd"])]
+        if "qat_cwd_partial" in e:
+            rows.append((f"QAT+CWD, QAT-aware partial ({len(e['qat_partial_float_layers'])} "
+                         f"float)", e["qat_cwd_partial"]))
+        rows += [("QAT+CWD, ORT INT8 (onnxruntime flavour)", e["ort_int8"]),
+                 ("PTQ, ORT INT8 (tensorrt flavour)", e["ort_int8_trt_flavour"])]
         for label, v in rows:
             d = "" if v is None or ref is None or label == "float" else f"{v - ref:+.2f}"
             out.append(f"| {label} | {'' if v is None else f'{v:.2f}'} | {d} |")

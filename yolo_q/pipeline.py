@@ -40,6 +40,7 @@ from .models.loading import write_float_checkpoint
 from .quant.load import load_model
 from .quant.ptq import run_ptq
 from .quant.qat import qat_epochs, run_qat
+from .quant.qat_partial import run_qat_partial
 from .report import write_report
 from .training import train
 
@@ -115,13 +116,17 @@ class QATRecord(QATRunRecord):
         return rec
 
 
-STAGES = ("data", "train", "ptq", "qat", "export", "eval", "speed", "report")
+STAGES = ("data", "train", "ptq", "qat", "qat_partial", "export", "eval", "speed", "report")
 
 # The config a stage's result depends on (besides its input files): a change there re-runs the
 # stage (and, through its outputs, the stages after it). ``-key``: an entry of a section named
 # before that the stage does not read (QAT's recipe is no input of PTQ, nor of the stages that
 # read QAT's checkpoints: those see its changes through the files).
 _NOT_QAT = ("-quant.qat", "-quant.distill")
+# read by PTQ's search and QAT-aware partial quantization, not by QAT's training
+_NOT_QAT_TRAINING = ("-quant.qat.max_drop", "-quant.qat.max_search_steps",
+                     "-quant.sensitivity_images", "-quant.sensitivity_proxy_images",
+                     "-quant.sensitivity_proxy", "-quant.sensitivity_gain")
 STAGE_CONFIG = {
     "data": ("data.dataset", "data.root", "pipeline.synthetic"),
     "train": ("model", "data", "train", "eval", "pipeline.float_weights",
@@ -129,8 +134,10 @@ STAGE_CONFIG = {
     "ptq": ("model", "data", "eval", "quant", *_NOT_QAT, "pipeline.calib_methods",
             "pipeline.sensitivity", "pipeline.sensitivity_mode", "pipeline.max_drop",
             "pipeline.skip_top", "pipeline.eval_images"),
-    "qat": ("model", "data", "train", "eval", "quant", "pipeline.qat_distill",
-            "pipeline.qat_compare_no_distill"),
+    "qat": ("model", "data", "train", "eval", "quant", *_NOT_QAT_TRAINING,
+            "pipeline.qat_distill", "pipeline.qat_compare_no_distill"),
+    "qat_partial": ("model", "data", "eval", "quant.select_data", "quant.sensitivity_images",
+                    "quant.qat.max_drop", "quant.qat.max_search_steps"),
     "export": ("model", "data.img_size", "quant", *_NOT_QAT, "export", "pipeline.flavours"),
     "eval": ("model", "data", "eval", "quant", *_NOT_QAT, "export", "pipeline"),
     "speed": ("model", "data.img_size", "quant", *_NOT_QAT, "export", "pipeline"),
@@ -302,14 +309,21 @@ class Pipeline:
             if p.qat:
                 qat = self.run_stage(k("qat", v), lambda: self.stage_qat(v, tr, ptq),
                                      [tr.weights, ptq.full], QATRecord)
+            part = None
+            if qat and self.cfg.quant.qat.max_drop is not None:
+                part = self.run_stage(k("qat_partial", v),
+                                      lambda: self.stage_qat_partial(v, tr, qat),
+                                      [tr.weights, qat.weights])
             exp = self.run_stage(k("export", v), lambda: self.stage_export(v, tr, ptq, qat),
                                  [tr.weights, ptq.full] + ([qat.weights] if qat else []))
-            ev = self.run_stage(k("eval", v), lambda: self.stage_eval(v, tr, ptq, qat, exp),
-                                _eval_inputs(tr, ptq, qat, exp))
+            ev = self.run_stage(k("eval", v),
+                                lambda: self.stage_eval(v, tr, ptq, qat, exp, part),
+                                _eval_inputs(tr, ptq, qat, exp, part))
             sp = self.run_stage(k("speed", v), lambda: self.stage_speed(v, tr, ptq, qat),
                                 [tr.weights] + ([qat.weights] if qat else [ptq.full]))
             self.results[v] = {"train": tr.to_dict(), "ptq": ptq.to_dict(),
-                               "qat": qat.to_dict() if qat else None, "export": exp,
+                               "qat": qat.to_dict() if qat else None, "qat_partial": part,
+                               "export": exp,
                                "eval": ev, "speed": sp}
         report = self.stage_report()  # cheap: always rewritten from the recorded results
         self.say(f"\npipeline finished in {time.time() - t0:.0f} s -> {report['report']}")
@@ -442,7 +456,8 @@ class Pipeline:
         run = self.vdir(variant) / name
         cfg = self.variant_cfg(variant)
         ov = [f"quant.qat.output_dir={run.parent}", f"train.name={run.name}",
-              "train.exist_ok=true", f"quant.distill.enabled={str(distill).lower()}"]
+              "train.exist_ok=true", f"quant.distill.enabled={str(distill).lower()}",
+              "quant.qat.max_drop=null"]  # QAT-aware partial: its own stage
         last = run / "weights" / "last.pt"
         self._fresh_run_dir(run, _key("qat", variant))
         if last.exists():
@@ -463,6 +478,19 @@ class Pipeline:
         baseline = {"float": ptq.float, "ptq": ptq.ptq} if same_val else None
         return run_qat(cfg, weights=ptq.full, teacher=tr.weights, overrides=ov,
                        evaluate_start=not same_val, baseline=baseline, verbose=self.verbose)
+
+    def stage_qat_partial(self, variant: str, tr: TrainRecord, qat: QATRecord) -> Dict[str, Any]:
+        """QAT-aware partial quantization of the QAT(+CWD) model (``quant.qat.max_drop``,
+        :mod:`yolo_q.quant.qat_partial`): ``qat_partial/partial.pt`` and its search."""
+        cfg = self.variant_cfg(variant)
+        out = self.vdir(variant) / "qat_partial"
+        out.mkdir(parents=True, exist_ok=True)
+        q = cfg.quant.qat
+        info = run_qat_partial(cfg, qat.weights, tr.weights, float(q.max_drop),
+                               out / "partial.pt", int(q.max_search_steps),
+                               say=self.say if self.verbose else (lambda *a, **k: None))
+        write_json(out / "summary.json", info)
+        return {k: v for k, v in info.items() if k not in ("gain", "steps")}
 
     def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
         """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;
@@ -496,7 +524,7 @@ class Pipeline:
                 out=out / "int8_onnxruntime_openvino.onnx", img_size=size)["path"]
         return res
 
-    def stage_eval(self, variant, tr, ptq, qat, exp) -> Dict[str, Any]:
+    def stage_eval(self, variant, tr, ptq, qat, exp, part=None) -> Dict[str, Any]:
         """mAP of every stage's model through every runtime on the same val images."""
         p = self.cfg.pipeline
         cfg = self.variant_cfg(variant)
@@ -512,6 +540,10 @@ class Pipeline:
         if qat:
             jobs.append(("qat+cwd" if qat.distill else "qat", "torch fake-quant", "torch",
                          qat.weights))
+        if part:
+            jobs.append((f"{'qat+cwd' if qat.distill else 'qat'} partial "
+                         f"({len(part['float_layers'])} float)", "torch fake-quant", "torch",
+                         part["weights"]))
         jobs.append(("float", "ORT FP32", "onnxruntime", exp["float"]))
         for fl, src in exp["int8_source"].items():
             stage = "qat+cwd" if src == "qat" and qat and qat.distill else src
@@ -596,8 +628,9 @@ def _with(cfg, overrides: List[str]):
     return copy_config(cfg, overrides)
 
 
-def _eval_inputs(tr, ptq, qat, exp) -> List[str]:
+def _eval_inputs(tr, ptq, qat, exp, part=None) -> List[str]:
     files = [tr.weights, ptq.full] + ([ptq.partial_weights] if ptq.partial_weights else [])
+    files += [part["weights"]] if part else []
     if qat:
         files.append(qat.weights)
         if qat.no_distill:

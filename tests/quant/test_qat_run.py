@@ -301,7 +301,7 @@ def _uncalibrated(path):
 
 @pytest.mark.parametrize("case", ["float_student", "quant_teacher", "teacher_width", "teacher_nc",
                                   "teacher_plain_sd", "uncalibrated", "no_teacher",
-                                  "config_vs_student"])
+                                  "partial_no_teacher", "config_vs_student"])
 def test_mismatch_fails_at_start_naming_the_file(case, tmp_path):
     float_ck, calib_ck = str(F.float_checkpoint()), str(F.calibrated_checkpoint("tensorrt"))
     cfg = cfg_for(f"quant.qat.output_dir={tmp_path / 'out'}")
@@ -325,6 +325,10 @@ def test_mismatch_fails_at_start_naming_the_file(case, tmp_path):
         expect = [weights, "not calibrated"]
     elif case == "no_teacher":
         teacher, expect = None, ["--teacher"]
+    elif case == "partial_no_teacher":
+        cfg = cfg_for(f"quant.qat.output_dir={tmp_path / 'out'}", "quant.distill.enabled=false",
+                      "quant.qat.max_drop=0.1")
+        teacher, expect = None, ["quant.qat.max_drop", "--teacher"]
     else:
         cfg = cfg_for(f"quant.qat.output_dir={tmp_path / 'out'}", "model.depth_multiple=0.67")
         expect = [calib_ck, "model.depth_multiple"]

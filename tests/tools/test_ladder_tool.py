@@ -66,6 +66,18 @@ def test_ladder_end_to_end(repo_root, tmp_path):
     assert float_pt.stat().st_mtime_ns == before
     assert json.loads(out.read_text())["variants"]["repvgg"] == e
 
+    # with QAT-aware partial quantization: its row, nothing else changes
+    r2b = subprocess.run([sys.executable, str(repo_root / "tools" / "ladder.py"),
+                          "--variant", f"repvgg={cfg_path}:{shipped}", "--out", str(out),
+                          "quant.qat.max_drop=0.0", "quant.qat.max_search_steps=1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r2b.returncode == 0, r2b.stderr[-3000:]
+    e2 = json.loads(out.read_text())["variants"]["repvgg"]
+    assert 0.0 <= e2["qat_cwd_partial"] <= 100.0 and e2["qat_partial_float_layers"] == []
+    assert e2["qat_partial_max_drop"] == 0.0
+    assert {k: v for k, v in e2.items() if not k.startswith("qat_") or k == "qat_cwd"} == e
+    assert "| QAT+CWD, QAT-aware partial (" in r2b.stdout
+
     # the eval command reproduces the float row
     cmd = lad["eval_command"].split()
     assert cmd[:2] == ["python", "tools/eval.py"]

@@ -170,6 +170,24 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
     assert "[qat] running" in r5.stdout and "[export] running" in r5.stdout
     assert (out_dir / "qat.old2" / "weights" / "last.pt").is_file()
 
+    # QAT-aware partial quantization (quant.qat.max_drop) is its own stage after QAT: QAT and
+    # the export are reused, the eval gets its row
+    r6 = subprocess.run([sys.executable, "-c", bump, str(repo_root / "tools" / "pipeline.py"),
+                         "--config", str(cfg), "quant.calib=max", "pipeline.variants=[base]",
+                         "quant.qat.max_drop=0.0", "quant.qat.max_search_steps=2"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r6.returncode == 0, r6.stderr[-3000:]
+    for stage, what in (("qat", "up to date"), ("qat_partial", "running"),
+                        ("export", "up to date"), ("eval", "running")):
+        assert f"[{stage}] {what}" in r6.stdout, (stage, r6.stdout[-3000:])
+    st6 = json.loads((out_dir / "pipeline.json").read_text())
+    part = st6["qat_partial"]["result"]
+    assert len(part["float_groups"]) <= 1 and (out_dir / "qat_partial" / "partial.pt").is_file()
+    rows6 = {e["stage"]: e for e in st6["eval"]["result"]["rows"]
+             if e["runtime"] == "torch fake-quant"}
+    prow = rows6[f"qat+cwd partial ({len(part['float_layers'])} float)"]
+    assert prow["map50_95"] == pytest.approx(part["metrics"]["map50_95"], abs=1e-9)
+
 
 def test_pipeline_errors(repo_root, tmp_path):
     r = run(repo_root, "--config", repo_root / "configs" / "demo.yaml", "--force", "trian",
@@ -222,6 +240,11 @@ def test_qat_recipe_changes_rerun_qat_only():
         assert (_config_digest(base, keys) == _config_digest(qat_only, keys)) == (stage != "qat")
         assert _config_digest(base, keys) != _config_digest(calib, keys), stage
     # the dropped entries are gone from the hash, everything else of the section stays
+    # QAT-aware partial quantization's settings and the search subset: not QAT's training
+    search = load_config(None, ["quant.qat.max_drop=0.1", "quant.sensitivity_images=999"])
+    for stage, changes in (("ptq", True), ("qat", False), ("qat_partial", True)):
+        keys = STAGE_CONFIG[stage]
+        assert (_config_digest(base, keys) != _config_digest(search, keys)) == changes, stage
     nested = ("quant", "-quant.qat.epochs", "-quant.qat.learn_scales", "-quant.distill.tau")
     assert _config_digest(base, nested) == _config_digest(qat_only, nested)
     assert _config_digest(base, nested[:-1]) != _config_digest(qat_only, nested[:-1])

@@ -33,10 +33,14 @@ def test_qat_tool_end_to_end(repo_root, tmp_path):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "weights" / "best.pt").is_file()
 
     # resume of a finished run: nothing left to train, same run directory, the report again
+    # (with QAT-aware partial quantization of the finished model: quant.qat.max_drop)
     r = run(repo_root, "tools/qat.py", "--resume", run_dir / "weights" / "last.pt",
-            "--no-baseline", *ov)
+            "--no-baseline", *ov, "quant.qat.max_drop=0.0", "quant.qat.max_search_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"-> {run_dir}" in r.stdout and "float (teacher)" in r.stdout
+    assert "QAT partial (" in r.stdout and "ranked on the trained model" in r.stdout
+    part = torch.load(run_dir / "weights" / "partial.pt", weights_only=True)
+    assert set(part["skip_layers"]) <= set(part["quant"]["skip"])
 
 
 def test_qat_tool_errors_are_one_line(repo_root, tmp_path):

@@ -165,6 +165,13 @@ class QATConfig:
     # reference models 3 QAT epochs with mosaic lost 0.1 point against PTQ on 1000 val
     # images, without it they kept float within 0.07; benchmarks/reference/README.md)
     close_mosaic: bool = True
+    # QAT-aware partial quantization after QAT (yolo_q.quant.qat_partial): the fewest layers,
+    # ranked on the trained model (head levels, backbone / neck blocks), made float so that it
+    # is within max_drop mAP50-95 points of float on the selection set (quant.select_data,
+    # quant.sensitivity_images); no retraining. Writes weights/partial.pt beside best.pt.
+    # null: off
+    max_drop: Optional[float] = None
+    max_search_steps: int = 6  # evaluations of the search along the ranking (groups made float)
     output_dir: str = "runs/qat"  # QAT runs go to <output_dir>/<train.name>
 
 

@@ -9,12 +9,24 @@
 The float layers become ``quant.skip_layers`` of a fresh :func:`yolo_q.quant.convert` (plain
 modules, no quantizers), so they are saved in the checkpoint's quant state and the QDQ export
 has no Q/DQ on them (:func:`float_layers_in_onnx` checks an exported graph).
+
+* :func:`with_float_layers` - a trained (QAT) model with some of its layers made float, every
+  other range kept, nothing calibrated again (the partial model of a QAT checkpoint,
+  :mod:`yolo_q.quant.qat_partial`).
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable, Dict, List, Optional, Sequence
+
+import torch.nn as nn
+
 from ..export.qdq import conv_quantization
+from ..io import load_state_into
+from ..models import build_model
+from .convert import (apply_shared_scales, convert, floor_weight_scales, quant_state,
+                      resolve_settings)
+from .modules import QUANTIZER_ATTRS
 
 logger = logging.getLogger(__name__)
 
@@ -88,4 +100,51 @@ def float_layers_in_onnx(path, layers: Sequence[str], check_input: bool = True) 
     return out
 
 
-__all__ = ["float_layers_in_onnx", "search_max_drop", "skip_top"]
+# the quant-state entries that are convert() settings (the rest describes the layers)
+_STATE_SETTINGS = ("flavour", "num_bits", "per_channel_weights", "weight_calib",
+                   "high_precision_outputs", "preact_output", "share_concat_scales", "calib",
+                   "percentile", "num_histogram_bins", "calib_batches")
+
+
+def _is_quantizer_key(key: str) -> bool:
+    return any(f".{a}." in key for a in QUANTIZER_ATTRS)
+
+
+def with_float_layers(model: nn.Module, layers: Sequence[str], cfg) -> nn.Module:
+    """A copy of the calibrated (or QAT-trained) quantized ``model`` with ``layers`` float too.
+
+    The model is rebuilt by :func:`~yolo_q.quant.convert` with ``layers`` added to its float
+    layers (``cfg``: the model's config, for ``build_model(cfg).fuse()``), so its structure is
+    what a checkpoint, the QDQ export and the integer check expect. Weights and every remaining
+    range are copied; a reader that took its input grid from a producer that is now float (the
+    onnxruntime flavour shares one quantizer between a conv's output and its readers) gets its
+    own input quantizer with the producer's range - the same grid as before. Nothing is
+    calibrated again. Shared-scale groups are re-tied and the int32 bias floor re-applied."""
+    state = quant_state(model)
+    layers = [str(n) for n in layers]
+    unknown = [n for n in layers if n not in {s["name"] for s in state["layers"]}]
+    if unknown:
+        raise ValueError(f"with_float_layers: not quantized layer(s) {unknown[:3]}")
+    sd = model.state_dict()
+    fused = build_model(cfg).fuse()
+    load_state_into(fused, {k: v for k, v in sd.items() if not _is_quantizer_key(k)},
+                    "quantized model")
+    settings = resolve_settings(None, **{k: state[k] for k in _STATE_SETTINGS},
+                                skip_layers=list(state["skip"]) + layers)
+    out = convert(fused.to(next(model.parameters()).device), **settings)
+    new_sd = out.state_dict()
+    reads_from = {s["name"]: s["input_from"] for s in state["layers"]}
+    for k in new_sd:
+        if k in sd:
+            new_sd[k] = sd[k]
+        elif k.endswith("._input_quantizer._amax"):  # its grid came from a producer's output
+            new_sd[k] = sd[f"{reads_from[k[:-len('._input_quantizer._amax')]]}._amax"]
+        else:
+            raise KeyError(f"with_float_layers: no value for {k}")
+    out.load_state_dict(new_sd)
+    apply_shared_scales(out)
+    floor_weight_scales(out)
+    return out.train(model.training)
+
+
+__all__ = ["float_layers_in_onnx", "search_max_drop", "skip_top", "with_float_layers"]

@@ -72,6 +72,7 @@ from .integer import bias_overflow_lines, int32_bias_overflow
 from .integer import integer_check as run_integer_check
 from .load import load_quantized
 from .ptq import selection_val_set
+from .qat_partial import run_qat_partial
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +314,12 @@ def _read_inputs(cfg, weights, teacher, resume, overrides):
                        "the activation ranges (gradient vs EMA of the batch max): choose one")
     if cfg.quant.qat.learn_scales and not float(cfg.quant.qat.scale_lr_ratio) > 0:
         raise QATError(f"quant.qat.scale_lr_ratio must be > 0, got {cfg.quant.qat.scale_lr_ratio}")
+    if cfg.quant.qat.max_drop is not None and not float(cfg.quant.qat.max_drop) >= 0:
+        raise QATError(f"quant.qat.max_drop must be >= 0 (mAP points) or null, got "
+                       f"{cfg.quant.qat.max_drop}")
+    if cfg.quant.qat.max_drop is not None and not teacher:
+        raise QATError("quant.qat.max_drop (QAT-aware partial quantization) needs --teacher, "
+                       "the float checkpoint it is measured against")
     if cfg.quant.distill.enabled and not teacher:
         raise QATError("quant.distill.enabled=true needs --teacher (the float checkpoint); "
                        "or set quant.distill.enabled=false")
@@ -441,8 +448,9 @@ def _train_qat(run: QATRun, evaluate_start, integer_check, ort_check) -> Dict[st
     summary.update(_summary_extras(run.cfg, qcfg, summary, baseline, state))
     if run.rank != 0:
         return summary
+    teacher_path = tck["source"] if tck else None
     return _finish(summary, qcfg, val_ds, state, integer_check, ort_check, run.verbose,
-                   report_fn if select_fn is not report_fn else None)
+                   report_fn if select_fn is not report_fn else None, teacher_path)
 
 
 def _evaluate_fns(run: QATRun, qcfg, val_ds):
@@ -489,10 +497,11 @@ def _summary_extras(cfg, qcfg, summary, baseline, state) -> Dict[str, Any]:
 
 
 def _finish(summary, qcfg, val_ds, state, integer_check, ort_check, verbose,
-            report_fn=None) -> Dict[str, Any]:
-    """QAT mAP of the final checkpoint, the optional integer / ONNX Runtime checks, the report.
-    ``report_fn``: the val evaluator when the best epoch was chosen on another set (the
-    checkpoint's own metrics are that set's; kept as ``qat_select``)."""
+            report_fn=None, teacher=None) -> Dict[str, Any]:
+    """QAT mAP of the final checkpoint, the optional integer / ONNX Runtime checks, QAT-aware
+    partial quantization (``quant.qat.max_drop``), the report. ``report_fn``: the val evaluator
+    when the best epoch was chosen on another set (the checkpoint's own metrics are that set's;
+    kept as ``qat_select``)."""
     weights_dir = Path(summary["run_dir"]) / "weights"
     final_path = Path(summary["best"]) if summary["best"] else weights_dir / "last.pt"
     summary["qat"] = _scalars(load_checkpoint(final_path).get("metrics")) or None
@@ -509,6 +518,11 @@ def _finish(summary, qcfg, val_ds, state, integer_check, ort_check, verbose,
     if ort_check:
         onnx_path = weights_dir / f"{final_path.stem}_{state['flavour']}.onnx"
         summary["ort"] = evaluate_ort(final, qcfg, val_ds, onnx_path)
+    q = qcfg.quant.qat
+    if q.max_drop is not None:
+        summary["partial"] = run_qat_partial(
+            qcfg, final_path, teacher, float(q.max_drop), weights_dir / "partial.pt",
+            int(q.max_search_steps), say=print if verbose else (lambda *a, **k: None))
     summary["report"] = format_report(summary)
     if verbose:
         print(summary["report"], flush=True)
@@ -525,6 +539,9 @@ def format_report(summary: Dict[str, Any], top: int = 10) -> str:
     when present. mAP in percentage points."""
     rows = [("float (teacher)", summary.get("float")), ("PTQ (start)", summary.get("ptq")),
             (f"QAT ({Path(summary.get('qat_checkpoint') or 'best.pt').name})", summary.get("qat"))]
+    part = summary.get("partial")
+    if part:
+        rows.append((f"QAT partial ({len(part['float_layers'])} float)", part["metrics"]))
     if summary.get("ort"):
         rows.append((f"QAT ONNX Runtime INT8 ({summary['flavour']} QDQ)", summary["ort"]))
     ref = (summary.get("float") or {}).get("map50_95")
@@ -540,6 +557,10 @@ def format_report(summary: Dict[str, Any], top: int = 10) -> str:
     if summary.get("ort") and summary.get("qat"):
         d = summary["ort"]["map50_95"] - summary["qat"]["map50_95"]
         lines.append(f"ONNX Runtime vs torch fake-quant: {100 * d:+.2f} mAP50-95 points")
+    if part:
+        lines.append(f"QAT partial: float layers {', '.join(part['float_layers']) or 'none'} "
+                     f"(max_drop {part['max_drop']:g} {'met' if part['reached'] else 'not met'} "
+                     f"on {part['select']['images']} selection images) -> {part['weights']}")
     dev = summary.get("integer_check")
     if dev:
         worst = sorted(dev.items(), key=lambda kv: -kv[1])
