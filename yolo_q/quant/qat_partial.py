@@ -115,7 +115,9 @@ def _choose(model, cfg, ev, float_map: float, max_drop: float, max_steps: Option
         f"{100 * rank['map50_95']:.2f}); most recovered: "
         + ", ".join(f"{g} {rank['gain'][g]:+.2f}" for g in rank["ranking"][:4]))
     groups = rank["groups"]
-    cache: Dict[tuple, float] = {(): rank["map50_95"]}
+    cache: Dict[tuple, float] = {(): rank["map50_95"]}  # sorted float layers -> mAP
+    cache.update({tuple(sorted(groups[g])): rank["map50_95"] + rank["gain"][g] / 100.0
+                  for g in groups})
 
     def evaluate_skip(layers: List[str]) -> float:
         key = tuple(sorted(layers))
