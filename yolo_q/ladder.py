@@ -18,7 +18,7 @@ are kept.
                              "ptq": {calibrator: mAP}, "per_tensor", "partial",
                              "partial_float_layers", "qat", "qat_cwd",
                              "qat_cwd_partial"?, "qat_partial_float_layers"?,
-                             "qat_partial_max_drop"?, "ort_int8",
+                             "qat_partial_max_drop"?, "ort_int8_qat_partial"?, "ort_int8",
                              "ort_int8_trt_flavour", "regime", "val_images"}, ...}}
 
 (``?``: only with ``quant.qat.max_drop``, QAT-aware partial quantization of the QAT+CWD model.)
@@ -136,9 +136,12 @@ def _qat_partial(result: Dict[str, Any], rows) -> Dict[str, Any]:
         return {}
     row = next((r for (stage, runtime), r in rows.items()
                 if stage.startswith("qat+cwd partial") and runtime == "torch fake-quant"), None)
+    ort = next((r for (stage, runtime), r in rows.items()
+                if stage.startswith("qat+cwd partial") and runtime.startswith("ORT INT8")), None)
     return {"qat_cwd_partial": _pct(row["map50_95"]) if row else None,
             "qat_partial_float_layers": list(part["float_layers"]),
-            "qat_partial_max_drop": part["max_drop"]}
+            "qat_partial_max_drop": part["max_drop"],
+            "ort_int8_qat_partial": _pct(ort["map50_95"]) if ort else None}
 
 
 def _run_variant(v: LadderVariant, overrides: Sequence[str], verbose: bool,
@@ -273,8 +276,10 @@ def format_ladder(result: Dict[str, Any]) -> str:
             (f"partial PTQ ({len(e['partial_float_layers'])} float)", e["partial"]),
             ("QAT", e["qat"]), ("QAT+CWD", e["qat_cwd"])]
         if "qat_cwd_partial" in e:
-            rows.append((f"QAT+CWD, QAT-aware partial ({len(e['qat_partial_float_layers'])} "
-                         f"float)", e["qat_cwd_partial"]))
+            n = len(e["qat_partial_float_layers"])
+            rows += [(f"QAT+CWD, QAT-aware partial ({n} float)", e["qat_cwd_partial"]),
+                     (f"QAT+CWD, QAT-aware partial ({n} float), ORT INT8",
+                      e.get("ort_int8_qat_partial"))]
         rows += [("QAT+CWD, ORT INT8 (onnxruntime flavour)", e["ort_int8"]),
                  ("PTQ, ORT INT8 (tensorrt flavour)", e["ort_int8_trt_flavour"])]
         for label, v in rows:

@@ -314,8 +314,10 @@ class Pipeline:
                 part = self.run_stage(k("qat_partial", v),
                                       lambda: self.stage_qat_partial(v, tr, qat),
                                       [tr.weights, qat.weights])
-            exp = self.run_stage(k("export", v), lambda: self.stage_export(v, tr, ptq, qat),
-                                 [tr.weights, ptq.full] + ([qat.weights] if qat else []))
+            exp = self.run_stage(k("export", v),
+                                 lambda: self.stage_export(v, tr, ptq, qat, part),
+                                 [tr.weights, ptq.full] + ([qat.weights] if qat else [])
+                                 + ([part["weights"]] if part else []))
             ev = self.run_stage(k("eval", v),
                                 lambda: self.stage_eval(v, tr, ptq, qat, exp, part),
                                 _eval_inputs(tr, ptq, qat, exp, part))
@@ -492,8 +494,9 @@ class Pipeline:
         write_json(out / "summary.json", info)
         return {k: v for k, v in info.items() if k not in ("gain", "steps")}
 
-    def stage_export(self, variant, tr, ptq, qat) -> Dict[str, Any]:
-        """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour;
+    def stage_export(self, variant, tr, ptq, qat, part=None) -> Dict[str, Any]:
+        """Float ONNX; QDQ ONNX of the final INT8 model (QAT, else PTQ) in its own flavour, and
+        of its QAT-aware partial model (``part``: ``int8_partial``);
         the other flavours from a PTQ of the float model calibrated for that flavour; the
         onnxruntime flavour once more with ``export.act_storage=int8`` for OpenVINO (the same
         values; OpenVINO folds its Q/DQ without requantize passes, ``deploy/cpu.md``)."""
@@ -508,6 +511,9 @@ class Pipeline:
         res[f"int8_{own}"] = export_model(cfg, final, out=out / f"int8_{own}.onnx",
                                           img_size=size)["path"]
         res["int8_source"] = {own: "qat" if qat else "ptq"}
+        if part:
+            res["int8_partial"] = export_model(cfg, part["weights"], out=out / "int8_partial.onnx",
+                                               img_size=size)["path"]
         for fl in [str(f) for f in self.cfg.pipeline.flavours]:
             if fl == own:
                 continue
@@ -540,14 +546,18 @@ class Pipeline:
         if qat:
             jobs.append(("qat+cwd" if qat.distill else "qat", "torch fake-quant", "torch",
                          qat.weights))
+        part_stage = part and (f"{'qat+cwd' if qat.distill else 'qat'} partial "
+                               f"({len(part['float_layers'])} float)")
         if part:
-            jobs.append((f"{'qat+cwd' if qat.distill else 'qat'} partial "
-                         f"({len(part['float_layers'])} float)", "torch fake-quant", "torch",
-                         part["weights"]))
+            jobs.append((part_stage, "torch fake-quant", "torch", part["weights"]))
         jobs.append(("float", "ORT FP32", "onnxruntime", exp["float"]))
         for fl, src in exp["int8_source"].items():
             stage = "qat+cwd" if src == "qat" and qat and qat.distill else src
             jobs.append((stage, f"ORT INT8 ({fl} flavour)", "onnxruntime", exp[f"int8_{fl}"]))
+        if part and exp.get("int8_partial"):  # its flavour: the QAT model's (the first one)
+            own = next(iter(exp["int8_source"]))
+            jobs.append((part_stage, f"ORT INT8 ({own} flavour)", "onnxruntime",
+                         exp["int8_partial"]))
         jobs.append(("float", "OpenVINO FP32", "openvino", exp["float"]))
         for fl, src in exp["int8_source"].items():
             stage = "qat+cwd" if src == "qat" and qat and qat.distill else src

@@ -74,8 +74,9 @@ def test_ladder_end_to_end(repo_root, tmp_path):
     assert r2b.returncode == 0, r2b.stderr[-3000:]
     e2 = json.loads(out.read_text())["variants"]["repvgg"]
     assert 0.0 <= e2["qat_cwd_partial"] <= 100.0 and e2["qat_partial_float_layers"] == []
-    assert e2["qat_partial_max_drop"] == 0.0
-    assert {k: v for k, v in e2.items() if not k.startswith("qat_") or k == "qat_cwd"} == e
+    assert e2["qat_partial_max_drop"] == 0.0 and 0.0 <= e2["ort_int8_qat_partial"] <= 100.0
+    assert {k: v for k, v in e2.items()
+            if not (k.startswith("qat_") or k.endswith("qat_partial")) or k == "qat_cwd"} == e
     assert "| QAT+CWD, QAT-aware partial (" in r2b.stdout
 
     # the eval command reproduces the float row

@@ -178,15 +178,20 @@ def test_pipeline_end_to_end_reuse_and_force(repo_root, tmp_path):
                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r6.returncode == 0, r6.stderr[-3000:]
     for stage, what in (("qat", "up to date"), ("qat_partial", "running"),
-                        ("export", "up to date"), ("eval", "running")):
+                        ("export", "running"), ("eval", "running")):
         assert f"[{stage}] {what}" in r6.stdout, (stage, r6.stdout[-3000:])
     st6 = json.loads((out_dir / "pipeline.json").read_text())
     part = st6["qat_partial"]["result"]
     assert len(part["float_groups"]) <= 1 and (out_dir / "qat_partial" / "partial.pt").is_file()
     rows6 = {e["stage"]: e for e in st6["eval"]["result"]["rows"]
              if e["runtime"] == "torch fake-quant"}
-    prow = rows6[f"qat+cwd partial ({len(part['float_layers'])} float)"]
+    label = f"qat+cwd partial ({len(part['float_layers'])} float)"
+    prow = rows6[label]
     assert prow["map50_95"] == pytest.approx(part["metrics"]["map50_95"], abs=1e-9)
+    ort6 = next(e for e in st6["eval"]["result"]["rows"]
+                if e["stage"] == label and e["runtime"].startswith("ORT INT8"))
+    assert ort6["source"] == st6["export"]["result"]["int8_partial"]
+    assert abs(ort6["map50_95"] - prow["map50_95"]) < 0.05
 
 
 def test_pipeline_errors(repo_root, tmp_path):
