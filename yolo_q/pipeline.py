@@ -546,9 +546,9 @@ class Pipeline:
         if qat:
             jobs.append(("qat+cwd" if qat.distill else "qat", "torch fake-quant", "torch",
                          qat.weights))
-        part_stage = part and (f"{'qat+cwd' if qat.distill else 'qat'} partial "
-                               f"({len(part['float_layers'])} float)")
         if part:
+            part_stage = (f"{'qat+cwd' if qat.distill else 'qat'} partial "
+                          f"({len(part['float_layers'])} float)")
             jobs.append((part_stage, "torch fake-quant", "torch", part["weights"]))
         jobs.append(("float", "ORT FP32", "onnxruntime", exp["float"]))
         for fl, src in exp["int8_source"].items():

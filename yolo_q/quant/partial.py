@@ -40,6 +40,12 @@ def skip_top(ranking: Sequence[str], k: int) -> List[str]:
     return list(ranking[:k])
 
 
+def within_drop(float_map: float, m: float, max_drop: float) -> bool:
+    """Whether mAP50-95 ``m`` is at most ``max_drop`` points below ``float_map`` (both as
+    fractions; inclusive, with a 1e-9 tolerance for the points' rounding)."""
+    return 100.0 * (float_map - m) <= max_drop + 1e-9
+
+
 def search_max_drop(ranking: Sequence[str], evaluate_skip: Callable[[List[str]], float],
                     float_map: float, max_drop: float, max_steps: Optional[int] = None,
                     progress: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
@@ -66,7 +72,7 @@ def search_max_drop(ranking: Sequence[str], evaluate_skip: Callable[[List[str]],
         skip = list(ranking[:k])
         m = float(evaluate_skip(skip))
         drop = 100.0 * (float_map - m)
-        ok = drop <= max_drop + 1e-9
+        ok = within_drop(float_map, m, max_drop)
         steps.append({"k": k, "added": ranking[k - 1] if k else None, "map50_95": m,
                       "drop_points": drop, "ok": ok})
         msg = (f"partial: {k:2d} float layer(s){' (+' + ranking[k - 1] + ')' if k else ''}: "
@@ -147,4 +153,5 @@ def with_float_layers(model: nn.Module, layers: Sequence[str], cfg) -> nn.Module
     return out.train(model.training)
 
 
-__all__ = ["float_layers_in_onnx", "search_max_drop", "skip_top", "with_float_layers"]
+__all__ = ["float_layers_in_onnx", "search_max_drop", "skip_top", "with_float_layers",
+           "within_drop"]
