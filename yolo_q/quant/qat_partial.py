@@ -129,8 +129,10 @@ def _choose(model, cfg, ev, float_map: float, max_drop: float, max_steps: Option
         progress=progress, log=say)
     layers = [n for g in search["skip"] for n in groups[g]]
     prune = None
-    if search["reached"] and layers:
-        prune = prune_float_layers(layers, evaluate_skip, float_map, max_drop, log=say)
+    if layers:
+        # not reached: the fewest layers that keep the best set's accuracy
+        target = max_drop if search["reached"] else 100.0 * (float_map - evaluate_skip(layers))
+        prune = prune_float_layers(layers, evaluate_skip, float_map, target, log=say)
         layers = prune["skip"]
     return {"float_layers": layers, "float_groups": list(search["skip"]),
             "reached": bool(search["reached"]), "select_partial": evaluate_skip(layers),
@@ -146,7 +148,8 @@ def run_qat_partial(cfg, weights, teacher, max_drop: float, out,
     the fewest groups along that ranking that bring the model within ``max_drop`` mAP50-95
     points of the float checkpoint ``teacher`` on the selection set (at most
     ``max_search_steps`` evaluations; not reached: the best set tried); then every layer of
-    those groups that is not needed goes back to INT8 (:func:`prune_float_layers`). Saves the
+    those groups that is not needed goes back to INT8 (:func:`prune_float_layers`; not
+    reached: every layer whose float does not add to the best set's accuracy). Saves the
     model to ``out`` (a quantized checkpoint; its config lists the float layers in
     ``quant.skip_layers``) and evaluates it on the val set. Returns ``{"weights",
     "float_layers", "float_groups", "reached", "max_drop", "select": {"images", "float",
